@@ -1,0 +1,284 @@
+"""Patches that make fast-reid 1.4.0 work on Python 3.11, torch 2.x and NumPy 2.
+
+fast-reid's only PyPI release predates these versions. Every patch of the host lives here, each a
+small function with the reason in its docstring, applied once by :func:`apply_all` when
+``adaptive_l2`` is imported. ``APPLIED`` lists the patches that took effect in this process, so a
+test or a user can see which were needed. No patch copies host code: each swaps one name for a
+wrapper or a subclass.
+
+The silent no-training bug (contiguous parameter buffers) is not patched here: it is avoided by
+``adaptive_l2.optim.build_optimizer``, which the project's Trainer uses.
+"""
+from __future__ import annotations
+
+import collections
+import collections.abc
+import logging
+import sys
+import types
+import warnings
+from typing import List
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+APPLIED: List[str] = []
+
+# Operator schemas of torchvision's C++ extension (torchvision/csrc/ops). Only needed to let
+# `import torchvision` succeed when that extension cannot load; no kernel is registered, so calling
+# one of these ops (fast-reid never does) raises "no kernel" instead of failing at import.
+_TORCHVISION_OP_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+    "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor",
+    "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+    "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
+    "int sampling_ratio, bool aligned) -> Tensor",
+    "qroi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+    "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor",
+    "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+    "SymInt pooled_width, int sampling_ratio) -> (Tensor, Tensor)",
+    "_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
+    "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, SymInt batch_size, "
+    "SymInt channels, SymInt height, SymInt width) -> Tensor",
+    "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+    "SymInt pooled_width) -> (Tensor, Tensor)",
+    "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, "
+    "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
+    "SymInt height, SymInt width) -> Tensor",
+    "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+    "SymInt pooled_width) -> (Tensor, Tensor)",
+    "_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
+    "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, "
+    "SymInt height, SymInt width) -> Tensor",
+    "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
+    "SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, "
+    "SymInt dilation_w, SymInt groups, SymInt offset_groups, bool use_mask) -> Tensor",
+    "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, Tensor mask, "
+    "Tensor bias, SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, "
+    "SymInt dilation_h, SymInt dilation_w, SymInt groups, SymInt offset_groups, "
+    "bool use_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+_torchvision_schema_library = None  # kept alive: dropping the Library object deletes the schemas
+
+
+def _torchvision_extension_loads() -> bool:
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return True  # torchvision absent: nothing to patch, the import error will say so
+    import glob
+    import os
+
+    libs = glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so"))
+    if not libs:
+        return False
+    try:
+        torch.ops.load_library(libs[0])
+    except OSError:
+        return False
+    return True
+
+
+def patch_torchvision_op_schemas() -> None:
+    """Define torchvision's operator schemas when its C++ extension cannot load.
+
+    PyPI has no CPU build of torchvision: its wheel for torch 2.13 is a CUDA build whose ops do not
+    load against the CPU torch wheel, and `import torchvision` then dies in
+    `_meta_registrations` with "operator torchvision::nms does not exist". fast-reid needs only
+    torchvision's transforms, which never call these ops.
+    """
+    global _torchvision_schema_library
+    if "torchvision" in sys.modules or _torchvision_extension_loads():
+        return
+    if hasattr(torch.ops.torchvision, "nms"):
+        return
+    _torchvision_schema_library = torch.library.Library("torchvision", "DEF")
+    for schema in _TORCHVISION_OP_SCHEMAS:
+        _torchvision_schema_library.define(schema)
+    APPLIED.append("torchvision_op_schemas")
+
+
+def patch_removed_std_names() -> None:
+    """Restore two names fast-reid imports that no longer exist.
+
+    `from torch._six import string_classes` (fastreid/data/build.py): torch._six was removed in
+    torch 2.0. `from collections import Mapping` (fastreid/data/build.py,
+    fastreid/evaluation/testing.py): removed in Python 3.10. Both are aliases of the current names.
+    """
+    if "torch._six" not in sys.modules:
+        import importlib.util
+
+        if importlib.util.find_spec("torch._six") is None:
+            six = types.ModuleType("torch._six")
+            six.string_classes = (str, bytes)
+            six.__doc__ = "Shim created by adaptive_l2.compat for fast-reid 1.4.0."
+            sys.modules["torch._six"] = six
+            APPLIED.append("torch_six_shim")
+    if not hasattr(collections, "Mapping"):
+        collections.Mapping = collections.abc.Mapping
+        APPLIED.append("collections_mapping_alias")
+
+
+def patch_dataloader_cuda_stream() -> None:
+    """Make fast-reid's DataLoaderX usable without CUDA.
+
+    `fastreid.data.data_utils.DataLoaderX` creates a CUDA stream in its constructor and a
+    background thread calling `torch.cuda.set_device`, so building any data loader crashes on a
+    machine without CUDA. Without CUDA we hand out a plain `torch.utils.data.DataLoader` (batches
+    stay on the CPU; the models move them to their device anyway).
+    """
+    from torch.utils.data import DataLoader
+
+    import fastreid.data.build as data_build
+    import fastreid.data.data_utils as data_utils
+
+    host_loader = data_utils.DataLoaderX
+
+    class DeviceAwareDataLoader(DataLoader):
+        """`DataLoaderX` where CUDA exists, a plain DataLoader elsewhere."""
+
+        def __new__(cls, local_rank: int, **kwargs):
+            if torch.cuda.is_available():
+                return host_loader(local_rank, **kwargs)
+            return DataLoader(**kwargs)
+
+    data_build.DataLoaderX = DeviceAwareDataLoader
+    APPLIED.append("dataloader_without_cuda")
+
+
+def patch_jaccard_search_device() -> None:
+    """Let k-reciprocal re-ranking run without a GPU.
+
+    `fastreid.utils.compute_dist.build_dist(..., metric="jaccard")` hard-codes
+    `search_option=0` (faiss GPU resources, `features.cuda()`), so `TEST.RERANK.ENABLED` crashes on
+    a CPU machine or with the faiss CPU build. We route it to the project's re-ranking, which picks
+    the faiss GPU path only when CUDA and faiss GPU are both present.
+    """
+    import fastreid.utils.compute_dist as compute_dist
+
+    from adaptive_l2.evaluation.rerank import jaccard_distance
+
+    host_build_dist = compute_dist.build_dist
+
+    def build_dist(feat_1, feat_2, metric="euclidean", **kwargs):
+        if metric != "jaccard":
+            return host_build_dist(feat_1, feat_2, metric, **kwargs)
+        feat = torch.cat((feat_1, feat_2), dim=0)
+        dist = jaccard_distance(feat, k1=kwargs["k1"], k2=kwargs["k2"])
+        return dist[: feat_1.size(0), feat_1.size(0):]
+
+    compute_dist.build_dist = build_dist
+    import fastreid.evaluation.reid_evaluation as reid_evaluation
+
+    reid_evaluation.build_dist = build_dist
+    APPLIED.append("jaccard_on_cpu")
+
+
+def patch_rank_evaluator_compile() -> None:
+    """Never compile, and never `sys.exit`, inside an evaluation.
+
+    fast-reid compiles its Cython rank evaluator at the first evaluation by running `make` in
+    site-packages with whatever `python3` is first on PATH, and calls `sys.exit(1)` if that fails,
+    after training has finished. The project builds the extension at install time (`make
+    install`); if it is missing anyway, evaluation warns once and uses fast-reid's pure-Python
+    evaluator, which gives the same numbers, more slowly.
+    """
+    import fastreid.evaluation.reid_evaluation as reid_evaluation
+
+    def rank_evaluator_is_compiled() -> bool:
+        try:
+            from fastreid.evaluation.rank_cylib.rank_cy import evaluate_cy  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def compile_dependencies(self) -> None:
+        if not rank_evaluator_is_compiled() and not getattr(compile_dependencies, "warned", False):
+            warnings.warn(
+                "fast-reid's Cython rank evaluator is not built; evaluating with the slower Python "
+                "evaluator. Build it with `make install` (see README).",
+                RuntimeWarning,
+            )
+            compile_dependencies.warned = True
+
+    def refuse_runtime_compile() -> None:
+        raise RuntimeError(
+            "adaptive_l2 does not compile fast-reid's rank evaluator during a run; "
+            "build it at install time with `make install`."
+        )
+
+    reid_evaluation.ReidEvaluator._compile_dependencies = compile_dependencies
+    reid_evaluation.compile_helper = refuse_runtime_compile
+    APPLIED.append("rank_evaluator_no_runtime_compile")
+
+
+class CorruptImageError(OSError):
+    """An image file of a dataset cannot be decoded."""
+
+
+def patch_read_image_errors() -> None:
+    """Name the file when an image cannot be decoded.
+
+    fast-reid's `read_image` lets PIL's error escape from inside a data-loader worker, where the
+    message names a file object, not the dataset file to fix.
+    """
+    import fastreid.data.common as data_common
+    import fastreid.data.data_utils as data_utils
+
+    host_read_image = data_utils.read_image
+
+    def read_image(file_name, format=None):
+        try:
+            image = host_read_image(file_name, format)
+            image.load()
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"image file missing: {file_name}") from error
+        except (OSError, ValueError, SyntaxError) as error:
+            raise CorruptImageError(
+                f"cannot decode image file {file_name!r} ({error}); replace or remove it"
+            ) from error
+        return image
+
+    data_utils.read_image = read_image
+    data_common.read_image = read_image
+    APPLIED.append("read_image_names_file")
+
+
+def patch_checkpoint_loading() -> None:
+    """Load fast-reid checkpoints under torch >= 2.6.
+
+    torch 2.6 made `torch.load(weights_only=True)` the default; fast-reid's checkpoints hold the
+    optimizer and scheduler state and an epoch counter, and its `Checkpointer._load_file` calls
+    `torch.load` without the argument. Checkpoints are the user's own files from their own runs,
+    loaded with `weights_only=False` as fast-reid did on the torch it was written for.
+    """
+    import fastreid.utils.checkpoint as checkpoint
+
+    def _load_file(self, f: str):
+        return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+
+    checkpoint.Checkpointer._load_file = _load_file
+    APPLIED.append("checkpoint_weights_only")
+
+
+_done = False
+
+
+def apply_all() -> None:
+    """Apply every patch once; the order matters (torchvision before fast-reid imports it)."""
+    global _done
+    if _done:
+        return
+    patch_torchvision_op_schemas()
+    patch_removed_std_names()
+    warnings.filterwarnings("ignore", message=".*Cython rank evaluation.*")
+    patch_dataloader_cuda_stream()
+    patch_rank_evaluator_compile()
+    patch_read_image_errors()
+    patch_checkpoint_loading()
+    patch_jaccard_search_device()
+    _done = True

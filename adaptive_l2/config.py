@@ -1,0 +1,79 @@
+"""The project's config keys, added to fast-reid's defaults before a YAML is merged.
+
+`add_reg_config(cfg)` must run before `merge_from_file`, so yacs rejects a misspelt key instead of
+ignoring it. `check_config(cfg)` refuses impossible combinations with a message naming the keys.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from fastreid.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
+
+
+def add_reg_config(cfg: CN) -> CN:
+    """Add the project's keys (with their defaults) to a fast-reid config, in place; returns it."""
+    cfg.SEED = -1  # global seed; >= 0 makes a CPU run repeatable (rank r uses SEED + r)
+
+    # Where datasets live. fast-reid reads $FASTREID_DATASETS once at import; this key wins.
+    cfg.DATASETS.ROOT = os.getenv("FASTREID_DATASETS", "datasets")
+    cfg.DATASETS.SYNTHETIC = CN()
+    cfg.DATASETS.SYNTHETIC.SEED = 0  # the generated dataset is a pure function of this seed + sizes
+    cfg.DATASETS.SYNTHETIC.NUM_TRAIN_IDS = 64  # identities in bounding_box_train
+    cfg.DATASETS.SYNTHETIC.NUM_TEST_IDS = 64  # identities in query + bounding_box_test
+    cfg.DATASETS.SYNTHETIC.NUM_DISTRACTORS = 100  # gallery images of identities never queried
+    cfg.DATASETS.SYNTHETIC.NUM_CAMERAS = 6  # camera views (Market-1501 has 6)
+    cfg.DATASETS.SYNTHETIC.IMAGES_PER_ID = 8  # images per identity, spread over the cameras
+    cfg.DATASETS.SYNTHETIC.HEIGHT = 128  # generated image height in pixels
+    cfg.DATASETS.SYNTHETIC.WIDTH = 64  # generated image width in pixels
+
+    cfg.SOLVER.ITERS_PER_EPOCH = 0  # iterations per epoch; 0 = len(train set) // IMS_PER_BATCH
+    cfg.SOLVER.ADAM_EPS = 1e-8  # Adam's epsilon (the paper's Keras code used 1e-7)
+
+    cfg.MODEL.REG = CN()
+    # Adaptive L2 (Ni et al. 2020): penalty sum_n A_n * hard_sigmoid(theta_n) * ||W_n||^2,
+    # one trainable theta_n (init 0) per trainable tensor W_n.
+    cfg.MODEL.REG.ADAPTIVE = False
+    cfg.MODEL.REG.AMPLITUDE = 0.005  # A, the largest factor a tensor can get
+    cfg.MODEL.REG.AMPLITUDE_PER_KIND = CN()  # per kind of tensor; a negative value means AMPLITUDE
+    cfg.MODEL.REG.AMPLITUDE_PER_KIND.KERNEL = -1.0  # conv / linear weights (the classifier too)
+    cfg.MODEL.REG.AMPLITUDE_PER_KIND.BIAS = -1.0  # biases of conv / linear layers
+    cfg.MODEL.REG.AMPLITUDE_PER_KIND.NORM_WEIGHT = -1.0  # BN / GN / LN scale (gamma)
+    cfg.MODEL.REG.AMPLITUDE_PER_KIND.NORM_BIAS = -1.0  # BN / GN / LN shift (beta)
+    cfg.MODEL.REG.LOG_PERIOD = 1  # epochs between factor logs (event storage + factors.jsonl)
+    # Conventional L2 baseline on the same tensors: penalty FACTOR * sum_n ||W_n||^2
+    # (gradient 2 * FACTOR * W: the original's Keras l2(0.005) equals torch weight decay 0.01).
+    cfg.MODEL.REG.CONVENTIONAL = CN({"ENABLED": False})
+    cfg.MODEL.REG.CONVENTIONAL.FACTOR = 0.005
+    return cfg
+
+
+def regularizer_enabled(cfg: CN) -> bool:
+    return bool(cfg.MODEL.REG.ADAPTIVE or cfg.MODEL.REG.CONVENTIONAL.ENABLED)
+
+
+def check_config(cfg: CN) -> None:
+    """Refuse impossible or unsupported combinations before anything is built."""
+    if cfg.MODEL.REG.ADAPTIVE and cfg.MODEL.REG.CONVENTIONAL.ENABLED:
+        raise ValueError(
+            "MODEL.REG.ADAPTIVE and MODEL.REG.CONVENTIONAL.ENABLED are both True: the tensors would "
+            "be penalized twice. Switch one of them off."
+        )
+    if cfg.MODEL.REG.AMPLITUDE < 0:
+        raise ValueError(f"MODEL.REG.AMPLITUDE must be >= 0, got {cfg.MODEL.REG.AMPLITUDE}")
+    if cfg.MODEL.REG.CONVENTIONAL.FACTOR < 0:
+        raise ValueError(
+            f"MODEL.REG.CONVENTIONAL.FACTOR must be >= 0, got {cfg.MODEL.REG.CONVENTIONAL.FACTOR}"
+        )
+    device = str(cfg.MODEL.DEVICE)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"MODEL.DEVICE is '{device}' but this machine has no usable CUDA device "
+            "(torch.cuda.is_available() is False). Add `MODEL.DEVICE cpu` to the command line or "
+            "the config to train on the CPU."
+        )
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"MODEL.DEVICE must be 'cpu' or 'cuda[:N]', got '{device}'")

@@ -1,0 +1,1 @@
+"""Evaluation pieces: re-ranking without a GPU."""

@@ -1,0 +1,37 @@
+"""adaptive_l2: adaptive L2 regularization and stochastic gradient perturbation for fast-reid.
+
+fast-reid itself (PyPI `fastreid==1.4.0`) is not listed in install_requires: its metadata pins
+torch 1.13.1, which does not exist for Python 3.11. Install it with `pip install --no-deps
+fastreid==1.4.0` (the Makefile does); its real runtime needs are listed here instead.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="adaptive_l2",
+    version="0.1.0",
+    description="Adaptive L2 regularization (Ni et al., ICPR 2020) and SGP for fast-reid",
+    packages=find_packages(include=["adaptive_l2", "adaptive_l2.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1,<3",
+        "torchvision>=0.16",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "scikit-learn>=1.2",
+        "yacs>=0.1.8",
+        "PyYAML>=6.0",
+        "termcolor>=2.0",
+        "tabulate>=0.9",
+        "tensorboard>=2.12",
+        "Pillow>=9.0",
+        "matplotlib>=3.7",
+        "Cython>=3.0",  # builds fast-reid's rank evaluator at install time
+        "setuptools>=65",
+    ],
+    extras_require={
+        # faiss is imported by fast-reid; pick exactly one build.
+        "cpu": ["faiss-cpu>=1.7.4"],
+        "gpu": ["faiss-gpu-cu12>=1.8"],
+        "test": ["pytest>=7.4"],
+    },
+)
