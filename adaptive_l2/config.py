@@ -31,6 +31,7 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.DATASETS.SYNTHETIC.WIDTH = 64  # generated image width in pixels
 
     cfg.SOLVER.ITERS_PER_EPOCH = 0  # iterations per epoch; 0 = len(train set) // IMS_PER_BATCH
+    cfg.SOLVER.LOG_PERIOD = 200  # iterations between console / metrics.json / tensorboard writes
     cfg.SOLVER.ADAM_EPS = 1e-8  # Adam's epsilon (the paper's Keras code used 1e-7)
 
     cfg.MODEL.REG = CN()

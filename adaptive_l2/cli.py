@@ -1,0 +1,85 @@
+"""What tools/train_net.py runs: config set-up, training or evaluation, in one or many processes."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import List, Optional
+
+from fastreid.config import get_cfg
+from fastreid.engine import default_argument_parser, default_setup
+from fastreid.utils import comm
+from fastreid.utils.env import seed_all_rng
+
+from adaptive_l2.checkpoint import load_for_evaluation
+from adaptive_l2.config import add_reg_config, check_config
+from adaptive_l2.distributed import launch
+from adaptive_l2.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "final_results.json"
+
+
+def load_config(config_file: str, opts: Optional[List[str]] = None):
+    """fast-reid defaults + the project's keys + the YAML + command-line overrides, checked."""
+    cfg = get_cfg()
+    add_reg_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"--config-file '{config_file}' does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as error:
+            raise KeyError(f"{config_file}: {error.args[0]}") from error
+    try:
+        cfg.merge_from_list(opts or [])
+    except KeyError as error:
+        raise KeyError(f"command-line override: {error.args[0]}") from error
+    check_config(cfg)
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    if cfg.SEED >= 0:
+        # default_setup seeded from time and pid; a fixed seed makes runs repeatable
+        seed_all_rng(cfg.SEED + comm.get_rank())
+    return cfg
+
+
+def save_results(cfg, results) -> None:
+    if comm.is_main_process() and cfg.OUTPUT_DIR and results:
+        with open(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as handle:
+            json.dump(results, handle, indent=2, default=float)
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        load_for_evaluation(model, cfg.MODEL.WEIGHTS)
+        results = Trainer.test(cfg, model)
+        save_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    save_results(cfg, results)
+    return results
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = default_argument_parser()
+    parser.set_defaults(dist_url="auto")
+    return parser
+
+
+def main_from_command_line(argv: Optional[List[str]] = None) -> None:
+    args = build_argument_parser().parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)  # fail fast, before any process is spawned
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,), use_cuda=str(cfg.MODEL.DEVICE).startswith("cuda"))

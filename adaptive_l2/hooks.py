@@ -1,0 +1,78 @@
+"""Training hooks: the per-tensor L2 factors, and layer freezing that survives a resume."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from fastreid.engine import hooks as fastreid_hooks
+from fastreid.engine.train_loop import HookBase
+from fastreid.utils import comm
+
+from adaptive_l2.regularizers.l2 import THETA_DEAD, AdaptiveL2Penalty, L2PenaltyBase
+
+logger = logging.getLogger(__name__)
+
+FACTORS_FILE = "l2_factors.jsonl"
+
+
+class L2FactorLogger(HookBase):
+    """Every `period` epochs: factor statistics to the event storage (console, metrics.json,
+    tensorboard) and every factor lambda_n = A_n * f(theta_n) to OUTPUT_DIR/l2_factors.jsonl."""
+
+    def __init__(self, penalty: L2PenaltyBase, period_epochs: int, output_dir: str):
+        self.penalty = penalty
+        self.period = max(1, int(period_epochs))
+        self.path = os.path.join(output_dir, FACTORS_FILE) if output_dir else ""
+        self._warned_dead = False
+
+    def before_train(self):
+        if self.trainer.iter == 0:
+            self._record(epoch=-1)
+
+    def after_epoch(self):
+        epoch = self.trainer.epoch
+        if (epoch + 1) % self.period == 0 or epoch + 1 >= self.trainer.max_epoch:
+            self._record(epoch)
+
+    def _record(self, epoch: int) -> None:
+        factors = self.penalty.factors().float().cpu()
+        thetas = None
+        dead = 0
+        if isinstance(self.penalty, AdaptiveL2Penalty):
+            thetas = self.penalty.theta_vector().detach().cpu()
+            dead = int((thetas <= THETA_DEAD).sum())
+        storage = self.trainer.storage
+        storage.put_scalars(
+            l2_factor_min=float(factors.min()), l2_factor_median=float(factors.median()),
+            l2_factor_max=float(factors.max()), l2_factors_zero=float((factors == 0).sum()),
+            smoothing_hint=False)
+        if dead and not self._warned_dead:
+            logger.warning("%d of %d adaptive L2 factors reached 0 for good (theta <= %.1f)",
+                           dead, len(factors), THETA_DEAD)
+            self._warned_dead = True
+        if self.path and comm.is_main_process():
+            record = {
+                "iteration": int(self.trainer.iter), "epoch": epoch,
+                "penalty": type(self.penalty).__name__,
+                "names": self.penalty.names, "kinds": [e.kind for e in self.penalty.entries],
+                "factors": factors.tolist(),
+                "thetas": None if thetas is None else thetas.tolist(),
+            }
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+class ResumableLayerFreeze(fastreid_hooks.LayerFreeze):
+    """fast-reid's LayerFreeze (frozen children in eval mode), plus the optimizer's freeze switch
+    driven by the trainer's iteration, which a resumed run restores (fast-reid's optimizer wrapper
+    counts its own steps from 0 again after a resume)."""
+
+    def __init__(self, model, optimizer, freeze_layers, freeze_iters):
+        super().__init__(model, freeze_layers, freeze_iters)
+        self.optimizer = optimizer
+
+    def before_step(self):
+        super().before_step()
+        self.optimizer.freeze_active = self.trainer.iter < self.freeze_iters
+

@@ -1,0 +1,169 @@
+"""`Trainer`: fast-reid's DefaultTrainer with builders that work on torch 2, on CPU or GPU.
+
+Differences from the host, each for a reason:
+- `build_optimizer`: per-tensor parameters (fast-reid's contiguous buffers never update on
+  torch 2), weight decay off under an L2 penalty, one group per adaptive theta.
+- `build_model`: attaches the configured L2 penalty, so its thetas are model parameters.
+- DDP gets `device_ids` only on GPUs (a CPU module with device_ids is refused by torch).
+- AMP: torch.amp with a device-aware GradScaler; on a CPU it is switched off with a warning
+  (fast-reid's AMPTrainer asserts CUDA).
+- Iterations per epoch may be fixed (`SOLVER.ITERS_PER_EPOCH`), as the paper's 200 per epoch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from fastreid.engine import hooks as fastreid_hooks
+from fastreid.engine.defaults import DefaultTrainer
+from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
+from fastreid.modeling.meta_arch import build_model as fastreid_build_model
+from fastreid.utils import comm
+from fastreid.utils.checkpoint import Checkpointer
+from fastreid.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from adaptive_l2.config import check_config, regularizer_enabled
+from adaptive_l2.data.build import build_test_loader, build_train_loader
+from adaptive_l2.hooks import L2FactorLogger, ResumableLayerFreeze
+from adaptive_l2.optim import build_optimizer
+from adaptive_l2.regularizers.l2 import attach_l2_penalty, find_l2_penalty
+
+logger = logging.getLogger(__name__)
+
+
+class TrainStep(SimpleTrainer):
+    """One optimisation step: forward, sum of the loss dict, backward, step; AMP where CUDA is."""
+
+    def __init__(self, model, data_loader, optimizer, amp: bool = False):
+        super().__init__(model, data_loader, optimizer, param_wrapper=None)
+        self.amp = amp
+        self.grad_scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    def compute_losses(self, data):
+        """The loss dict of one batch; subclasses add terms (adversarial training does)."""
+        return self.model(data)
+
+    def run_step(self):
+        assert self.model.training, "[TrainStep] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast("cuda", enabled=self.amp):
+            loss_dict = self.compute_losses(data)
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        if self.amp:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        if self.amp:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+
+def resolve_amp(cfg):
+    """AMP needs CUDA: on a CPU run it is switched off, with a warning, never an assert."""
+    if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        logger.warning("SOLVER.AMP.ENABLED is True but MODEL.DEVICE is '%s': AMP needs CUDA, "
+                       "training in fp32 instead.", cfg.MODEL.DEVICE)
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.SOLVER.AMP.ENABLED = False
+        cfg.freeze()
+    return cfg
+
+
+def wrap_distributed(model, cfg):
+    if comm.get_world_size() <= 1:
+        return model
+    if str(cfg.MODEL.DEVICE).startswith("cuda"):
+        return DistributedDataParallel(model, device_ids=[comm.get_local_rank()],
+                                       broadcast_buffers=False)
+    return DistributedDataParallel(model, broadcast_buffers=False)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer whose builders are the project's; construction order as fast-reid's."""
+
+    train_step_class = TrainStep
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
+            setup_logger()
+        check_config(cfg)
+        cfg = resolve_amp(cfg)
+        data_loader = self.build_train_loader(cfg)
+        cfg = self.auto_scale_hyperparams(cfg, data_loader.dataset.num_classes)
+        model = self.build_model(cfg)
+        optimizer, _ = self.build_optimizer(cfg, model)
+        model = wrap_distributed(model, cfg)
+        self._trainer = self.build_train_step(cfg, model, data_loader, optimizer)
+
+        per_epoch = cfg.SOLVER.ITERS_PER_EPOCH
+        self.iters_per_epoch = per_epoch if per_epoch > 0 else \
+            len(data_loader.dataset) // cfg.SOLVER.IMS_PER_BATCH
+        if self.iters_per_epoch <= 0:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) exceeds the training set "
+                f"({len(data_loader.dataset)} images): no full batch per epoch")
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
+        checkpointables = dict(self.scheduler)
+        if self._trainer.grad_scaler is not None:
+            checkpointables["grad_scaler"] = self._trainer.grad_scaler
+        self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
+                                         optimizer=optimizer, **checkpointables)
+        self.start_epoch = 0
+        self.max_epoch = cfg.SOLVER.MAX_EPOCH
+        self.max_iter = self.max_epoch * self.iters_per_epoch
+        self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
+        self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_train_step(cls, cfg, model, data_loader, optimizer) -> TrainStep:
+        return cls.train_step_class(model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED)
+
+    @classmethod
+    def build_model(cls, cfg):
+        check_config(cfg)
+        model = fastreid_build_model(cfg)
+        attach_l2_penalty(model, cfg)
+        logger.info("Model %s: %d trainable tensors, %.2fM parameters", type(model).__name__,
+                    sum(1 for p in model.parameters() if p.requires_grad),
+                    sum(p.numel() for p in model.parameters()) / 1e6)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_test_loader(cfg, dataset_name)
+
+    def build_hooks(self):
+        hooks = []
+        for hook in super().build_hooks():
+            if isinstance(hook, fastreid_hooks.LayerFreeze):
+                hook = ResumableLayerFreeze(self.model, self.optimizer, hook.freeze_layers,
+                                            hook.freeze_iters)
+            elif isinstance(hook, fastreid_hooks.PeriodicWriter):
+                hook._period = self.cfg.SOLVER.LOG_PERIOD
+            hooks.append(hook)
+        penalty = find_l2_penalty(self.model)
+        if penalty is not None and regularizer_enabled(self.cfg):
+            # before the writers (the last hook), so the statistics are written the same epoch
+            hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks),
+                         L2FactorLogger(penalty, self.cfg.MODEL.REG.LOG_PERIOD, self.cfg.OUTPUT_DIR))
+        return hooks
