@@ -248,21 +248,29 @@ def patch_read_image_errors() -> None:
     APPLIED.append("read_image_names_file")
 
 
-def patch_checkpoint_loading() -> None:
-    """Load fast-reid checkpoints under torch >= 2.6.
+def patch_inplace_normalization() -> None:
+    """Normalize input images out of place in fast-reid's Baseline and MGN.
 
-    torch 2.6 made `torch.load(weights_only=True)` the default; fast-reid's checkpoints hold the
-    optimizer and scheduler state and an epoch counter, and its `Checkpointer._load_file` calls
-    `torch.load` without the argument. Checkpoints are the user's own files from their own runs,
-    loaded with `weights_only=False` as fast-reid did on the torch it was written for.
+    Their `preprocess_image` runs `images.sub_(mean).div_(std)` on the caller's batch. The
+    evaluator's flip test (TEST.FLIP.ENABLED) then flips the already normalized images and the
+    model normalizes them a second time, so flip-averaged features are wrong; an adversarial attack
+    or a second forward pass over the same batch meets the same trap.
     """
-    import fastreid.utils.checkpoint as checkpoint
+    from fastreid.modeling.meta_arch.baseline import Baseline
+    from fastreid.modeling.meta_arch.mgn import MGN
 
-    def _load_file(self, f: str):
-        return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+    def preprocess_image(self, batched_inputs):
+        if isinstance(batched_inputs, dict):
+            images = batched_inputs["images"]
+        elif isinstance(batched_inputs, torch.Tensor):
+            images = batched_inputs
+        else:
+            raise TypeError(f"batched_inputs must be a dict or a tensor, got {type(batched_inputs)}")
+        return (images.to(self.device) - self.pixel_mean) / self.pixel_std
 
-    checkpoint.Checkpointer._load_file = _load_file
-    APPLIED.append("checkpoint_weights_only")
+    Baseline.preprocess_image = preprocess_image
+    MGN.preprocess_image = preprocess_image
+    APPLIED.append("out_of_place_normalization")
 
 
 _done = False
@@ -279,6 +287,6 @@ def apply_all() -> None:
     patch_dataloader_cuda_stream()
     patch_rank_evaluator_compile()
     patch_read_image_errors()
-    patch_checkpoint_loading()
+    patch_inplace_normalization()
     patch_jaccard_search_device()
     _done = True

@@ -49,6 +49,10 @@ def add_reg_config(cfg: CN) -> CN:
     # (gradient 2 * FACTOR * W: the original's Keras l2(0.005) equals torch weight decay 0.01).
     cfg.MODEL.REG.CONVENTIONAL = CN({"ENABLED": False})
     cfg.MODEL.REG.CONVENTIONAL.FACTOR = 0.005
+
+    from adaptive_l2.modeling.two_branch import add_two_branch_config
+
+    add_two_branch_config(cfg)
     return cfg
 
 

@@ -11,7 +11,9 @@ Differences from the host, each for a reason:
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 
 import torch
@@ -87,6 +89,37 @@ def wrap_distributed(model, cfg):
     return DistributedDataParallel(model, broadcast_buffers=False)
 
 
+def parameter_fingerprint(model) -> dict:
+    """Order-sensitive sums of all parameters and of the adaptive thetas (float64)."""
+    model = getattr(model, "module", model)
+    total = torch.zeros((), dtype=torch.float64)
+    weighted = torch.zeros((), dtype=torch.float64)
+    for index, param in enumerate(model.parameters()):
+        value = param.detach().double().sum().cpu()
+        total += value
+        weighted += value * (index + 1)
+    penalty = find_l2_penalty(model)
+    thetas = penalty.theta_vector().detach().double().cpu().tolist() \
+        if hasattr(penalty, "thetas") else []
+    return {"sum": float(total), "weighted_sum": float(weighted), "thetas": thetas}
+
+
+def check_ranks_agree(model, output_dir: str) -> None:
+    """After distributed training every rank must hold the same parameters; say so, or fail."""
+    if comm.get_world_size() <= 1:
+        return
+    prints = comm.all_gather(parameter_fingerprint(model))
+    if comm.is_main_process() and output_dir:
+        with open(os.path.join(output_dir, RANK_FINGERPRINTS), "w") as handle:
+            json.dump(prints, handle)
+    if any(p != prints[0] for p in prints[1:]):
+        raise RuntimeError(f"distributed ranks ended with different parameters: {prints}")
+    logger.info("all %d ranks hold identical parameters", len(prints))
+
+
+RANK_FINGERPRINTS = "rank_fingerprints.json"
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer whose builders are the project's; construction order as fast-reid's."""
 
@@ -125,6 +158,11 @@ class Trainer(DefaultTrainer):
         self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def train(self):
+        results = super().train()
+        check_ranks_agree(self.model, self.cfg.OUTPUT_DIR)
+        return results
 
     @classmethod
     def build_train_step(cls, cfg, model, data_loader, optimizer) -> TrainStep:

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny synthetic dataset and configs that train in seconds on a CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import adaptive_l2  # noqa: F401  (applies the fast-reid patches before any fastreid import)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+SYNTHETIC_BASE = os.path.join(REPO, "configs", "Synthetic", "Base-Synthetic.yml")
+
+# Small enough that a whole train + evaluate run takes seconds.
+TINY_DATASET = [
+    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "6",
+    "DATASETS.SYNTHETIC.NUM_DISTRACTORS", "6", "DATASETS.SYNTHETIC.IMAGES_PER_ID", "4",
+    "DATASETS.SYNTHETIC.NUM_CAMERAS", "3",
+    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
+]
+TINY_TRAINING = [
+    "INPUT.SIZE_TRAIN", "[64,32]", "INPUT.SIZE_TEST", "[64,32]", "INPUT.PADDING.SIZE", "2",
+    "SOLVER.IMS_PER_BATCH", "16", "SOLVER.ITERS_PER_EPOCH", "2", "SOLVER.MAX_EPOCH", "2",
+    "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "[1]", "SOLVER.CHECKPOINT_PERIOD", "1",
+    "SOLVER.LOG_PERIOD", "1", "TEST.EVAL_PERIOD", "2", "TEST.IMS_PER_BATCH", "32",
+    "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+@pytest.fixture(scope="session")
+def dataset_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("datasets"))
+
+
+def tiny_opts(dataset_root, output_dir, *extra):
+    return [*TINY_DATASET, *TINY_TRAINING, "DATASETS.ROOT", dataset_root,
+            "OUTPUT_DIR", str(output_dir), *extra]
+
+
+def tiny_cfg(dataset_root, output_dir, *extra, config_file=SYNTHETIC_BASE):
+    from adaptive_l2.cli import load_config
+
+    return load_config(config_file, tiny_opts(dataset_root, output_dir, *extra))
+
+
+def run_train_net(args, timeout=300, check=True):
+    """tools/train_net.py in a fresh process, as a user runs it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, TRAIN_NET, *args], capture_output=True, text=True,
+                            timeout=timeout, env=env, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train_net failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_results(output_dir):
+    with open(os.path.join(output_dir, "final_results.json")) as handle:
+        return json.load(handle)
+
+
+def read_losses(output_dir):
+    losses = []
+    with open(os.path.join(output_dir, "metrics.json")) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if "total_loss" in record:
+                losses.append((record["iteration"], record["total_loss"]))
+    return losses

@@ -1,0 +1,193 @@
+"""The adaptive L2 term: its formula, gradients, parameters, optimizer groups, freezing,
+checkpoints."""
+import pytest
+import torch
+from conftest import tiny_cfg
+from fastreid.utils.events import EventStorage
+from torch import nn
+
+from adaptive_l2.cli import load_config
+from adaptive_l2.optim import build_optimizer
+from adaptive_l2.regularizers.l2 import (AdaptiveL2Penalty, ConventionalL2Penalty,
+                                         hard_sigmoid_keras, regularized_tensors, squared_norms)
+from adaptive_l2.trainer import Trainer
+
+A = 0.005
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2, bias=False)
+
+
+def _penalty(model, amplitude=A):
+    return AdaptiveL2Penalty(regularized_tensors(model), {k: amplitude for k in
+                                                          ("kernel", "bias", "norm_weight", "norm_bias")})
+
+
+def test_hard_sigmoid_is_old_keras_not_torch():
+    theta = torch.tensor([-3.0, -2.5, -1.0, 0.0, 1.0, 2.5, 3.0])
+    expected = torch.tensor([0.0, 0.0, 0.3, 0.5, 0.7, 1.0, 1.0])
+    assert torch.allclose(hard_sigmoid_keras(theta), expected)
+
+
+def test_penalty_and_gradients_equal_hand_computation():
+    torch.manual_seed(0)
+    model = Small()
+    penalty = _penalty(model)
+    kinds = [e.kind for e in penalty.entries]
+    assert kinds == ["kernel", "bias", "norm_weight", "norm_bias", "kernel"]
+    thetas = [0.0, -1.0, 1.5, -3.0, 3.0]  # linear range x3, saturated at 0 and at 1
+    with torch.no_grad():
+        for t, v in zip(penalty.thetas, thetas):
+            t.fill_(v)
+    weights = [p for _, p in regularized_tensors(model)]
+    value = penalty.penalty()
+    value.backward()
+    f = [min(max(0.2 * t + 0.5, 0.0), 1.0) for t in thetas]
+    expected = sum(A * fn * float((w.detach().double() ** 2).sum()) for fn, w in zip(f, weights))
+    assert abs(float(value.detach()) - expected) < 1e-6 * max(1.0, expected)
+    for fn, t, w, theta in zip(f, thetas, weights, penalty.thetas):
+        assert torch.allclose(w.grad, 2 * A * fn * w.detach(), atol=1e-8)
+        inside = -2.5 < t < 2.5
+        want = 0.2 * A * float((w.detach() ** 2).sum()) if inside else 0.0
+        assert abs(float(theta.grad) - want) < 1e-7
+
+
+def test_conventional_penalty_is_a_constant_factor():
+    torch.manual_seed(0)
+    model = Small()
+    penalty = ConventionalL2Penalty(regularized_tensors(model), 0.005)
+    penalty.penalty().backward()
+    for _, w in regularized_tensors(model):
+        assert torch.allclose(w.grad, 0.01 * w.detach())  # Keras l2(0.005) == weight decay 0.01
+
+
+def test_squared_norms_accumulate_in_fp32_for_half_weights():
+    big = torch.full((1000,), 10.0, dtype=torch.float16, requires_grad=True)  # sum sq = 1e5
+    assert torch.isinf((big.detach() ** 2).sum())  # fp16 accumulation overflows
+    sq = squared_norms([big])
+    assert sq.dtype == torch.float32
+    assert float(sq[0]) == pytest.approx(1e5)
+    sq.sum().backward()
+    assert big.grad.dtype == torch.float16 and torch.allclose(big.grad.float(), big.detach().float() * 2)
+
+
+@pytest.mark.parametrize("extra", [
+    ("MODEL.META_ARCHITECTURE", "Baseline"),
+    ("MODEL.META_ARCHITECTURE", "MGN", "MODEL.BACKBONE.DEPTH", "50x",
+     "MODEL.BACKBONE.FEAT_DIM", "2048"),
+])
+def test_one_theta_per_trainable_tensor(dataset_root, tmp_path, extra):
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
+                   "MODEL.REG.ADAPTIVE", "True", *extra)
+    model = Trainer.build_model(cfg)
+    penalty = model.l2_penalty
+    theta_ids = {id(t) for t in penalty.thetas}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in theta_ids]
+    assert len(penalty.thetas) == len(others) > 50
+    with EventStorage(0):
+        losses = model({"images": torch.rand(8, 3, 96, 32) * 255, "targets": torch.arange(8) % 2})
+    assert "loss_adaptive_l2" in losses and float(losses["loss_adaptive_l2"]) > 0
+    model.eval()
+    with torch.no_grad():
+        feats = model({"images": torch.rand(2, 3, 96, 32) * 255})
+    assert isinstance(feats, torch.Tensor)  # evaluation output untouched
+
+
+@pytest.mark.parametrize("term", ["MODEL.REG.ADAPTIVE", "MODEL.REG.CONVENTIONAL.ENABLED"])
+def test_every_group_has_zero_weight_decay_with_a_term_on(dataset_root, tmp_path, term):
+    from fastreid.config import get_cfg
+
+    assert get_cfg().SOLVER.WEIGHT_DECAY == 0.0005  # fast-reid's default would penalize twice
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", term, "True",
+                   "SOLVER.WEIGHT_DECAY", "0.0005", "SOLVER.WEIGHT_DECAY_NORM", "0.0005",
+                   "SOLVER.WEIGHT_DECAY_BIAS", "0.0005")
+    model = Trainer.build_model(cfg)
+    optimizer, _ = build_optimizer(cfg, model)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0] * len(optimizer.param_groups)
+    off = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
+                   "SOLVER.WEIGHT_DECAY", "0.0005")
+    optimizer_off, _ = build_optimizer(off, Trainer.build_model(off))
+    assert any(g["weight_decay"] > 0 for g in optimizer_off.param_groups)
+
+
+def test_frozen_tensor_keeps_its_theta_until_unfrozen(dataset_root, tmp_path):
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
+                   "MODEL.REG.ADAPTIVE", "True", "MODEL.FREEZE_LAYERS", '["backbone"]',
+                   "SOLVER.FREEZE_ITERS", "2")
+    model = Trainer.build_model(cfg)
+    optimizer, _ = build_optimizer(cfg, model)
+    penalty = model.l2_penalty
+    backbone = [i for i, e in enumerate(penalty.entries) if e.name.startswith("backbone.")]
+    heads = [i for i, e in enumerate(penalty.entries) if e.name.startswith("heads.")]
+    assert backbone and heads
+
+    def step():
+        with EventStorage(0):
+            loss = sum(model({"images": torch.rand(8, 3, 64, 32) * 255,
+                              "targets": torch.arange(8) % 2}).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    optimizer.freeze_active = True
+    for _ in range(2):
+        step()
+    thetas = penalty.theta_vector().detach()
+    assert torch.all(thetas[backbone] == 0)
+    assert torch.all(thetas[heads] < 0)
+    optimizer.freeze_active = False
+    step()
+    # BN shifts start at exactly 0, so sum(W^2) = 0 gives their theta no gradient in the first step
+    nonzero = [i for i in backbone if penalty.entries[i].kind != "norm_bias"]
+    assert len(nonzero) > 20
+    assert torch.all(penalty.theta_vector().detach()[nonzero] < 0)
+
+
+def test_checkpoint_restores_thetas_and_optimizer_state(dataset_root, tmp_path):
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from adaptive_l2.checkpoint import load_for_evaluation
+
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.ADAPTIVE", "True")
+    model = Trainer.build_model(cfg)
+    optimizer, _ = build_optimizer(cfg, model)
+    with EventStorage(0):
+        for _ in range(2):
+            loss = sum(model({"images": torch.rand(8, 3, 64, 32) * 255,
+                              "targets": torch.arange(8) % 2}).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    Checkpointer(model, str(tmp_path), optimizer=optimizer).save("ckpt")
+    restored = Trainer.build_model(cfg)
+    restored_optimizer, _ = build_optimizer(cfg, restored)
+    Checkpointer(restored, str(tmp_path), optimizer=restored_optimizer).load(str(tmp_path / "ckpt.pth"))
+    assert torch.equal(restored.l2_penalty.theta_vector(), model.l2_penalty.theta_vector())
+    assert torch.any(model.l2_penalty.theta_vector() != 0)
+    for theta, theta_restored in zip(model.l2_penalty.thetas, restored.l2_penalty.thetas):
+        a, b = optimizer.state[theta], restored_optimizer.state[theta_restored]
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    # a checkpoint without thetas (trained with no penalty) loads for evaluation
+    plain_cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4")
+    torch.save({"model": Trainer.build_model(plain_cfg).state_dict()}, tmp_path / "plain.pth")
+    load_for_evaluation(Trainer.build_model(cfg), str(tmp_path / "plain.pth"))
+    # a checkpoint whose thetas belong to another model is refused
+    other_cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
+                         "MODEL.REG.ADAPTIVE", "True", "MODEL.BACKBONE.DEPTH", "34x")
+    torch.save({"model": Trainer.build_model(other_cfg).state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(ValueError):
+        load_for_evaluation(Trainer.build_model(cfg), str(tmp_path / "other.pth"))
+
+
+def test_amplitude_per_kind_overrides_the_default(dataset_root, tmp_path):
+    cfg = load_config("", ["MODEL.REG.ADAPTIVE", "True", "MODEL.DEVICE", "cpu",
+                           "MODEL.REG.AMPLITUDE_PER_KIND.NORM_WEIGHT", "0.001"])
+    from adaptive_l2.regularizers.l2 import amplitudes_from_config
+
+    assert amplitudes_from_config(cfg.MODEL.REG) == {
+        "kernel": 0.005, "bias": 0.005, "norm_weight": 0.001, "norm_bias": 0.005}
