@@ -1,0 +1,75 @@
+"""Pictures of the L2 factors a run saved (OUTPUT_DIR/l2_factors.jsonl): the paper's "Histogram"."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+from adaptive_l2.hooks import FACTORS_FILE
+
+KIND_COLOURS = {"kernel": "tab:blue", "bias": "tab:orange", "norm_weight": "tab:green",
+                "norm_bias": "tab:red"}
+
+
+def read_factor_log(run_dir: str) -> List[Dict]:
+    path = os.path.join(run_dir, FACTORS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: the run in {run_dir} did not train with MODEL.REG.ADAPTIVE or "
+            "MODEL.REG.CONVENTIONAL.ENABLED, or is not a run folder")
+    with open(path) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    if not records:
+        raise ValueError(f"{path} holds no record")
+    return records
+
+
+def plot_factors(run_dir: str, out_dir: str = "") -> List[str]:
+    """Write factor_histogram.png (final factors per kind) and factor_trajectories.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = read_factor_log(run_dir)
+    out_dir = out_dir or run_dir
+    os.makedirs(out_dir, exist_ok=True)
+    last = records[-1]
+    kinds = np.array(last["kinds"])
+    final = np.array(last["factors"])
+    title = f"{os.path.basename(os.path.normpath(run_dir))}: {last['penalty']}"
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = max(float(final.max()), 1e-12)
+    bins = np.linspace(0.0, top * 1.05, 30)
+    present = [k for k in KIND_COLOURS if (kinds == k).any()]
+    ax.hist([final[kinds == k] for k in present], bins=bins, stacked=True,
+            color=[KIND_COLOURS[k] for k in present],
+            label=[f"{k} ({int((kinds == k).sum())})" for k in present])
+    ax.set_xlabel("factor lambda_n = A * hard_sigmoid(theta_n)")
+    ax.set_ylabel("tensors")
+    ax.set_title(f"{title}, epoch {last['epoch'] + 1}")
+    ax.legend()
+    fig.tight_layout()
+    histogram = os.path.join(out_dir, "factor_histogram.png")
+    fig.savefig(histogram, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = np.array([r["epoch"] + 1 for r in records])
+    trajectory = np.array([r["factors"] for r in records])
+    for index, kind in enumerate(last["kinds"]):
+        ax.plot(epochs, trajectory[:, index], color=KIND_COLOURS.get(kind, "grey"), alpha=0.35,
+                linewidth=0.8)
+    for kind in present:
+        ax.plot([], [], color=KIND_COLOURS[kind], label=kind)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("factor")
+    ax.set_title(f"{title}: every tensor's factor")
+    ax.legend()
+    fig.tight_layout()
+    trajectories = os.path.join(out_dir, "factor_trajectories.png")
+    fig.savefig(trajectories, dpi=110)
+    plt.close(fig)
+    return [histogram, trajectories]
