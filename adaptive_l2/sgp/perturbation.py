@@ -1,0 +1,357 @@
+"""Stochastic Gradient Perturbation, SGP (reconstructed from the abstract).
+
+Zhou et al. (TCSVT 2023) published only an abstract: SGP perturbs *gradients* with stochastic,
+non-directional noise instead of perturbing inputs as adversarial training does. This module is the
+project's reconstruction (see ``shared/reference/sgp.md``):
+
+* :func:`perturb_gradient` -- per sample b, ``G_b + alpha * ||G_b|| * xi_b / sqrt(d)`` with
+  ``xi_b`` of unit variance per element, so ``||G~_b - G_b|| / ||G_b||`` is about ``alpha``.
+* :class:`FeatureGradientPerturbation` (SGP-F, the default) -- applies it to the gradient arriving
+  at chosen feature sites (default: the backbone output) during backward. One forward and one
+  backward: about the baseline's cost.
+* :class:`ParameterGradientPerturbation` (SGP-P, an ablation) -- applies it to each parameter
+  tensor's ``.grad`` after the gradients are synchronized across processes.
+
+Both draw from their own ``torch.Generator``, never from the global RNG, so switching SGP on does
+not change the data order or the initialisation of a run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "NOISE_KINDS",
+    "FeatureGradientPerturbation",
+    "ParameterGradientPerturbation",
+    "perturb_gradient",
+]
+
+NOISE_KINDS: Tuple[str, ...] = ("gaussian", "uniform", "rademacher")
+
+
+def _check_hyper_parameters(alpha: float, prob: float, noise: str) -> None:
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"SGP alpha must be a finite number >= 0, got {alpha!r}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"SGP prob must be in [0, 1], got {prob!r}")
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"SGP noise must be one of {NOISE_KINDS}, got {noise!r}")
+
+
+def _check_generator(generator: torch.Generator, device: torch.device) -> None:
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"SGP generator is on device '{generator.device}' but the gradient is on '{device}': "
+            "use a generator of the gradient's device (torch.Generator(device=grad.device))"
+        )
+
+
+def _draw_noise(
+    shape: Sequence[int], noise: str, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """Zero-mean, unit-variance noise in fp32 (unit variance makes ``alpha`` the relative size)."""
+    if noise == "gaussian":
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    uniform = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    if noise == "uniform":  # U(-sqrt(3), sqrt(3)) has variance 1
+        return uniform.mul_(2.0 * math.sqrt(3.0)).sub_(math.sqrt(3.0))
+    return torch.where(uniform < 0.5, -1.0, 1.0)  # rademacher
+
+
+def _perturbation(
+    grad: Tensor, alpha: float, prob: float, noise: str, generator: torch.Generator
+) -> Tuple[Tensor, Tensor]:
+    """The additive perturbation (fp32, shape of ``grad``) and each row's relative size.
+
+    Rows are the slices along dim 0 (a 0-d tensor is one row). The relative size of a row is
+    ``||delta_b|| / ||G_b||``, 0 for rows left unperturbed or with a zero gradient.
+    """
+    num_rows = grad.shape[0] if grad.dim() > 0 else 1
+    dim = grad.numel() // num_rows if num_rows > 0 else 0
+    rows = grad.detach().reshape(num_rows, dim).float()
+    # Draw the Bernoulli mask first and always, so the stream advances the same way for any prob.
+    applied = torch.rand(num_rows, generator=generator, device=grad.device) < prob
+    xi = _draw_noise((num_rows, dim), noise, generator, grad.device)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    scale = alpha * norms / math.sqrt(max(dim, 1)) * applied
+    delta = xi * scale.unsqueeze(1)
+    # ||delta_b|| / ||G_b|| = alpha * applied_b * ||xi_b|| / sqrt(d): no second pass over delta.
+    relative = torch.where(
+        norms > 0,
+        alpha * applied * torch.linalg.vector_norm(xi, dim=1) / math.sqrt(max(dim, 1)),
+        torch.zeros_like(norms),
+    )
+    return delta.reshape(grad.shape), relative
+
+
+def perturb_gradient(
+    grad: Tensor, alpha: float, prob: float, noise: str, generator: torch.Generator
+) -> Tensor:
+    """SGP (reconstructed from the abstract): add norm-scaled random noise to each sample's grad.
+
+    For each sample b (slice along dim 0) with probability ``prob``:
+    ``G_b + alpha * ||G_b|| * xi_b / sqrt(d)``, ``d = G_b.numel()``, ``xi_b`` gaussian N(0, I),
+    uniform U(-sqrt 3, sqrt 3) or rademacher +-1 (all of unit variance), so the perturbation is
+    non-directional, has mean zero and a size of about ``alpha * ||G_b||``.
+
+    The mask and the noise come from ``generator``, which must live on ``grad``'s device (a CPU
+    generator for CPU tensors, a CUDA generator for CUDA tensors); the noise is drawn in fp32 and
+    cast to ``grad``'s dtype. ``alpha == 0`` returns ``grad`` itself, untouched and without drawing,
+    so the baseline is reproduced bit for bit.
+    """
+    _check_hyper_parameters(alpha, prob, noise)
+    if alpha == 0:
+        return grad
+    _check_generator(generator, grad.device)
+    delta, _ = _perturbation(grad, alpha, prob, noise, generator)
+    return grad + delta.to(grad.dtype)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The wrapped module of DistributedDataParallel / DataParallel, else ``model``."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def _flat_tensors(output: object) -> List[Tensor]:
+    """Tensors of a module output (a tensor, or tensors inside a tuple / list / dict)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in _flat_tensors(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in _flat_tensors(v)]
+    return []
+
+
+class _GeneratorPool:
+    """One ``torch.Generator`` per device, each seeded with ``seed`` when first needed."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._generators: Dict[str, torch.Generator] = {}
+        self._pending_states: Dict[str, Tensor] = {}
+
+    def get(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        generator = self._generators.get(key)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            if key in self._pending_states:
+                generator.set_state(self._pending_states.pop(key))
+            self._generators[key] = generator
+        return generator
+
+    def state_dict(self) -> Dict[str, object]:
+        states = {k: g.get_state() for k, g in self._generators.items()}
+        states.update(self._pending_states)
+        return {"seed": self.seed, "generator_states": states}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.seed = int(state["seed"])
+        self._generators.clear()
+        self._pending_states = dict(state["generator_states"])
+
+
+class FeatureGradientPerturbation:
+    """SGP-F, SGP (reconstructed from the abstract): perturb the gradient at feature sites.
+
+    A forward hook on each site module registers, on every output tensor that requires grad, a
+    tensor hook replacing the incoming gradient by :func:`perturb_gradient` of it. So the layers
+    below a site train on perturbed gradients while the layers above it (the heads) are untouched.
+
+    The hooks act only when SGP is enabled, the site module is in training mode and grad mode is on.
+    Evaluation features, and input gradients taken in eval mode (adversarial attacks), are therefore
+    untouched; and a site that fast-reid's ``LayerFreeze`` has put in eval mode (frozen) is skipped.
+
+    Randomness comes from a private ``torch.Generator`` per device seeded with ``seed + rank``
+    (different noise on each process, as each sees different samples); the global RNG is never
+    consumed, so data order and initialisation do not change when SGP is switched on.
+
+    Args:
+        model: the model (a DistributedDataParallel wrapper is looked through).
+        sites: names of submodules as in ``model.named_modules()``, e.g. ``"backbone"``.
+        alpha: relative size of the perturbation, ``||G~ - G|| / ||G||``; 0 reproduces the baseline.
+        prob: probability that a sample's gradient is perturbed.
+        noise: ``"gaussian"``, ``"uniform"`` or ``"rademacher"``.
+        seed: seed of the private generator.
+        rank: process rank, added to ``seed``.
+        enabled: initial state of the switch (see :meth:`set_enabled`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[str] = ("backbone",),
+        alpha: float = 0.1,
+        prob: float = 1.0,
+        noise: str = "gaussian",
+        seed: int = 0,
+        rank: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        _check_hyper_parameters(alpha, prob, noise)
+        if isinstance(sites, str):
+            sites = (sites,)
+        if not sites:
+            raise ValueError("SGP sites is empty: name at least one module, e.g. ('backbone',)")
+        self.alpha = float(alpha)
+        self.prob = float(prob)
+        self.noise = noise
+        self.enabled = bool(enabled)
+        self.sites: Tuple[str, ...] = tuple(sites)
+        self._generators = _GeneratorPool(int(seed) + int(rank))
+        self._relative: Dict[str, Tensor] = {}
+        self._last_key: Optional[str] = None
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+
+        inner = _unwrap(model)
+        modules = dict(inner.named_modules())
+        for site in self.sites:
+            if site not in modules or site == "":
+                available = [name for name, _ in inner.named_children()]
+                raise ValueError(
+                    f"SGP site {site!r} is not a submodule of {type(inner).__name__}; "
+                    f"top-level modules are {available} (use dotted names for deeper ones)"
+                )
+        for site in self.sites:
+            self._handles.append(modules[site].register_forward_hook(self._forward_hook_for(site)))
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the perturbation on or off (e.g. off during a warm-up)."""
+        self.enabled = bool(enabled)
+
+    def remove(self) -> None:
+        """Detach the forward hooks; the model behaves as if SGP had never been installed."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def last_relative_perturbation(self) -> Optional[float]:
+        """``||G~ - G|| / ||G||`` of the last perturbed gradient, mean over its samples.
+
+        Unperturbed samples (probability ``1 - prob``) count as 0; samples with a zero gradient as
+        0 too. None before the first perturbed backward. Read it only when logging: it synchronizes
+        with the device.
+        """
+        if self._last_key is None:
+            return None
+        return float(self._relative[self._last_key])
+
+    @property
+    def relative_perturbations(self) -> Dict[str, float]:
+        """The last relative perturbation per site output (``site`` or ``site[i]`` for tuples)."""
+        return {key: float(value) for key, value in self._relative.items()}
+
+    def state_dict(self) -> Dict[str, object]:
+        """The generators' state, to resume a run with the same noise stream."""
+        return self._generators.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore the generators' state saved by :meth:`state_dict`."""
+        self._generators.load_state_dict(state)
+
+    def _forward_hook_for(self, site: str) -> Callable[[nn.Module, object, object], None]:
+        def forward_hook(module: nn.Module, inputs: object, output: object) -> None:
+            if not (self.enabled and module.training and torch.is_grad_enabled()):
+                return
+            tensors = [t for t in _flat_tensors(output) if t.requires_grad]
+            for index, tensor in enumerate(tensors):
+                key = site if isinstance(output, Tensor) else f"{site}[{index}]"
+                tensor.register_hook(self._gradient_hook_for(key))
+
+        return forward_hook
+
+    def _gradient_hook_for(self, key: str) -> Callable[[Tensor], Tensor]:
+        def gradient_hook(grad: Tensor) -> Tensor:
+            if self.alpha == 0:
+                return grad
+            generator = self._generators.get(grad.device)
+            delta, relative = _perturbation(grad, self.alpha, self.prob, self.noise, generator)
+            self._relative[key] = relative.mean().detach()
+            self._last_key = key
+            return grad + delta.to(grad.dtype)
+
+        return gradient_hook
+
+
+class ParameterGradientPerturbation:
+    """SGP-P, SGP (reconstructed from the abstract), an ablation: perturb parameter gradients.
+
+    :meth:`apply` adds ``alpha * ||g|| / sqrt(n) * xi`` to each parameter tensor's ``.grad`` in
+    place (probability ``prob`` per tensor). Call it between ``backward()`` (after DDP's gradient
+    all-reduce) and ``optimizer.step()``. The generator is seeded with the same ``seed`` on every
+    process and never with the rank, so all ranks add identical noise to their identical
+    synchronized gradients and the replicas stay equal. That requires every rank to pass the same
+    parameters in the same order with the same set of ``.grad`` tensors present (parameters whose
+    ``.grad`` is None are skipped and draw nothing).
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        prob: float = 1.0,
+        noise: str = "gaussian",
+        seed: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        _check_hyper_parameters(alpha, prob, noise)
+        self.alpha = float(alpha)
+        self.prob = float(prob)
+        self.noise = noise
+        self.enabled = bool(enabled)
+        self._generators = _GeneratorPool(int(seed))
+        self._relative: Optional[Tensor] = None
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the perturbation on or off (e.g. off during a warm-up)."""
+        self.enabled = bool(enabled)
+
+    @torch.no_grad()
+    def apply(self, params: Iterable[nn.Parameter]) -> None:
+        """Perturb ``p.grad`` of every parameter in ``params``, in their (deterministic) order."""
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(
+                "SGP-P params must be an ordered iterable (a list, model.parameters()), got a set: "
+                "its order differs between processes, so the ranks' noise would not match"
+            )
+        if not self.enabled or self.alpha == 0:
+            return
+        relatives: List[Tensor] = []
+        for param in params:
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise ValueError(
+                    f"SGP-P does not support sparse gradients (shape {tuple(grad.shape)})"
+                )
+            generator = self._generators.get(grad.device)
+            flat = grad.reshape(1, -1)
+            delta, relative = _perturbation(flat, self.alpha, self.prob, self.noise, generator)
+            grad.add_(delta.reshape(grad.shape).to(grad.dtype))
+            relatives.append(relative.to(relatives[0].device if relatives else relative.device))
+        if relatives:
+            self._relative = torch.cat(relatives).mean()
+
+    @property
+    def last_relative_perturbation(self) -> Optional[float]:
+        """``||g~ - g|| / ||g||`` of the last :meth:`apply`, mean over the perturbed tensors.
+
+        Tensors left unperturbed (probability ``1 - prob``) count as 0. Read it only when logging.
+        """
+        return None if self._relative is None else float(self._relative)
+
+    def state_dict(self) -> Dict[str, object]:
+        """The generators' state, to resume a run with the same noise stream."""
+        return self._generators.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore the generators' state saved by :meth:`state_dict`."""
+        self._generators.load_state_dict(state)
