@@ -9,6 +9,7 @@ from adaptive_l2 import compat as _compat
 _compat.apply_all()
 
 from adaptive_l2 import data, modeling  # noqa: E402,F401  (registers datasets and models)
+from adaptive_l2.data import paper_datasets  # noqa: E402,F401
 from adaptive_l2.config import add_reg_config, check_config  # noqa: E402
 from adaptive_l2.trainer import Trainer  # noqa: E402
 

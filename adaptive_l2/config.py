@@ -33,6 +33,13 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.SOLVER.ITERS_PER_EPOCH = 0  # iterations per epoch; 0 = len(train set) // IMS_PER_BATCH
     cfg.SOLVER.LOG_PERIOD = 200  # iterations between console / metrics.json / tensorboard writes
     cfg.SOLVER.ADAM_EPS = 1e-8  # Adam's epsilon (the paper's Keras code used 1e-7)
+    # SOLVER.SCHED "EpochTableLR": the paper's per-epoch table (warm-up, steps, phase restart)
+    cfg.SOLVER.EPOCH_LR = CN()
+    cfg.SOLVER.EPOCH_LR.START_LR = 2e-6  # learning rate of epoch 0, rising linearly to BASE_LR
+    cfg.SOLVER.EPOCH_LR.WARMUP_EPOCHS = 10  # BASE_LR is reached at epoch WARMUP_EPOCHS - 1
+    cfg.SOLVER.EPOCH_LR.MILESTONES = [40, 70]  # epochs where the rate is multiplied by GAMMA
+    cfg.SOLVER.EPOCH_LR.GAMMA = 0.1
+    cfg.SOLVER.EPOCH_LR.RESTART_EPOCH = 0  # > 0: the table starts again here (phase B)
 
     cfg.MODEL.REG = CN()
     # Adaptive L2 (Ni et al. 2020): penalty sum_n A_n * hard_sigmoid(theta_n) * ||W_n||^2,
@@ -49,6 +56,22 @@ def add_reg_config(cfg: CN) -> CN:
     # (gradient 2 * FACTOR * W: the original's Keras l2(0.005) equals torch weight decay 0.01).
     cfg.MODEL.REG.CONVENTIONAL = CN({"ENABLED": False})
     cfg.MODEL.REG.CONVENTIONAL.FACTOR = 0.005
+
+    # SGP (reconstructed from the abstract of Zhou et al., TCSVT 2023; no code was released).
+    cfg.MODEL.REG.SGP = CN({"ENABLED": False})
+    cfg.MODEL.REG.SGP.MODE = "feature"  # "feature" (SGP-F) or "parameter" (SGP-P, ablation)
+    cfg.MODEL.REG.SGP.ALPHA = 0.1  # noise norm relative to the gradient norm, per sample / tensor
+    cfg.MODEL.REG.SGP.PROB = 1.0  # probability a sample (SGP-F) or tensor (SGP-P) is perturbed
+    cfg.MODEL.REG.SGP.NOISE = "gaussian"  # "gaussian", "uniform" or "rademacher" (unit variance)
+    cfg.MODEL.REG.SGP.SITES = ["backbone"]  # SGP-F: module names whose output gradient is perturbed
+    cfg.MODEL.REG.SGP.START_ITER = 0  # no perturbation before this iteration
+    cfg.MODEL.REG.SGP.SEED = 1234  # SGP's own random stream (rank r adds r for SGP-F)
+    # Adversarial-training baseline: metric FGSM / PGD-k examples trained beside the clean batch.
+    cfg.MODEL.REG.AT = CN({"ENABLED": False})
+    cfg.MODEL.REG.AT.EPS = 4.0  # L-infinity budget on the 0-255 pixel scale
+    cfg.MODEL.REG.AT.STEPS = 1  # 1: FGSM (random start eps/4), k: PGD-k (step eps/4)
+    cfg.MODEL.REG.AT.WEIGHT = 1.0  # weight of the adversarial losses (1: one 2B-image batch)
+    cfg.MODEL.REG.AT.SEED = 4321  # the attack's own random stream (random starts)
 
     from adaptive_l2.modeling.two_branch import add_two_branch_config
 
@@ -73,6 +96,17 @@ def check_config(cfg: CN) -> None:
         raise ValueError(
             f"MODEL.REG.CONVENTIONAL.FACTOR must be >= 0, got {cfg.MODEL.REG.CONVENTIONAL.FACTOR}"
         )
+    sgp = cfg.MODEL.REG.SGP
+    if sgp.MODE not in ("feature", "parameter"):
+        raise ValueError(f"MODEL.REG.SGP.MODE must be 'feature' or 'parameter', got '{sgp.MODE}'")
+    if sgp.NOISE not in ("gaussian", "uniform", "rademacher"):
+        raise ValueError(f"MODEL.REG.SGP.NOISE must be gaussian, uniform or rademacher, got "
+                         f"'{sgp.NOISE}'")
+    if not (sgp.ALPHA >= 0 and 0 <= sgp.PROB <= 1):
+        raise ValueError(f"MODEL.REG.SGP.ALPHA must be >= 0 and PROB in [0, 1], got "
+                         f"{sgp.ALPHA}, {sgp.PROB}")
+    if cfg.MODEL.REG.AT.ENABLED and (cfg.MODEL.REG.AT.EPS <= 0 or cfg.MODEL.REG.AT.STEPS < 1):
+        raise ValueError("MODEL.REG.AT.EPS must be > 0 and MODEL.REG.AT.STEPS >= 1")
     device = str(cfg.MODEL.DEVICE)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(

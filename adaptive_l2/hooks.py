@@ -8,12 +8,14 @@ import os
 from fastreid.engine import hooks as fastreid_hooks
 from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
+from fastreid.evaluation.testing import flatten_results_dict
 
 from adaptive_l2.regularizers.l2 import THETA_DEAD, AdaptiveL2Penalty, L2PenaltyBase
 
 logger = logging.getLogger(__name__)
 
 FACTORS_FILE = "l2_factors.jsonl"
+EVAL_HISTORY_FILE = "eval_history.jsonl"
 
 
 class L2FactorLogger(HookBase):
@@ -76,3 +78,30 @@ class ResumableLayerFreeze(fastreid_hooks.LayerFreeze):
         super().before_step()
         self.optimizer.freeze_active = self.trainer.iter < self.freeze_iters
 
+
+
+class EvalHistory(HookBase):
+    """Appends every evaluation's metrics, with its epoch, to OUTPUT_DIR/eval_history.jsonl, so a
+    run's final model and its best evaluation ("selected on test") can both be reported."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, EVAL_HISTORY_FILE) if output_dir else ""
+        self._last = None
+
+    def _record(self) -> None:
+        results = getattr(self.trainer, "_last_eval_results", None)
+        if results is None or results is self._last:
+            return
+        self._last = results
+        if self.path and comm.is_main_process():
+            metrics = {k: float(v) for k, v in flatten_results_dict(results).items()
+                       if not isinstance(v, str)}
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"epoch": int(self.trainer.epoch) + 1,
+                                         "iteration": int(self.trainer.iter), **metrics}) + "\n")
+
+    def after_epoch(self):
+        self._record()
+
+    def after_train(self):
+        self._record()

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from typing import Optional
 
 import torch
 from fastreid.engine import hooks as fastreid_hooks
@@ -23,32 +24,55 @@ from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
 from fastreid.modeling.meta_arch import build_model as fastreid_build_model
 from fastreid.utils import comm
 from fastreid.utils.checkpoint import Checkpointer
+from fastreid.utils.events import get_event_storage
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from adaptive_l2.config import check_config, regularizer_enabled
 from adaptive_l2.data.build import build_test_loader, build_train_loader
-from adaptive_l2.hooks import L2FactorLogger, ResumableLayerFreeze
+from adaptive_l2.hooks import EvalHistory, L2FactorLogger, ResumableLayerFreeze
 from adaptive_l2.optim import build_optimizer
 from adaptive_l2.regularizers.l2 import attach_l2_penalty, find_l2_penalty
+from adaptive_l2.sgp import (AdversarialTraining, FeatureGradientPerturbation,
+                             ParameterGradientPerturbation)
+from adaptive_l2.solver import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
 
 
 class TrainStep(SimpleTrainer):
-    """One optimisation step: forward, sum of the loss dict, backward, step; AMP where CUDA is."""
+    """One optimisation step: forward, sum of the loss dict, backward, step; AMP where CUDA is.
 
-    def __init__(self, model, data_loader, optimizer, amp: bool = False):
+    Optional regularizers of the step itself: adversarial training (the loss dict of a clean +
+    adversarial batch), SGP-F (hooks on feature sites, switched on from `sgp_start_iter`) and
+    SGP-P (noise on the synchronized parameter gradients, just before the optimizer step).
+    """
+
+    def __init__(self, model, data_loader, optimizer, amp: bool = False,
+                 adversarial: Optional[AdversarialTraining] = None,
+                 adversarial_generator: Optional[torch.Generator] = None,
+                 feature_noise: Optional[FeatureGradientPerturbation] = None,
+                 parameter_noise: Optional[ParameterGradientPerturbation] = None,
+                 sgp_start_iter: int = 0):
         super().__init__(model, data_loader, optimizer, param_wrapper=None)
         self.amp = amp
         self.grad_scaler = torch.amp.GradScaler("cuda") if amp else None
+        self.adversarial = adversarial
+        self.adversarial_generator = adversarial_generator
+        self.feature_noise = feature_noise
+        self.parameter_noise = parameter_noise
+        self.sgp_start_iter = sgp_start_iter
 
     def compute_losses(self, data):
-        """The loss dict of one batch; subclasses add terms (adversarial training does)."""
+        if self.adversarial is not None:
+            return self.adversarial.losses(self.model, data, self.adversarial_generator)
         return self.model(data)
 
     def run_step(self):
         assert self.model.training, "[TrainStep] model was changed to eval mode!"
+        sgp_on = self.iter >= self.sgp_start_iter
+        if self.feature_noise is not None:
+            self.feature_noise.set_enabled(sgp_on)
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
@@ -61,11 +85,25 @@ class TrainStep(SimpleTrainer):
         else:
             losses.backward()
         self._write_metrics(loss_dict, data_time)
+        if self.parameter_noise is not None and sgp_on:
+            if self.amp:
+                self.grad_scaler.unscale_(self.optimizer)
+            self.parameter_noise.apply(
+                [p for group in self.optimizer.param_groups for p in group["params"]])
+        self._write_sgp_metrics(sgp_on)
         if self.amp:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+    def _write_sgp_metrics(self, sgp_on: bool) -> None:
+        noise = self.feature_noise or self.parameter_noise
+        if noise is None or not sgp_on or not comm.is_main_process():
+            return
+        relative = noise.last_relative_perturbation
+        if relative is not None:
+            get_event_storage().put_scalar("sgp_relative_perturbation", relative)
 
 
 def resolve_amp(cfg):
@@ -166,7 +204,32 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_step(cls, cfg, model, data_loader, optimizer) -> TrainStep:
-        return cls.train_step_class(model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED)
+        reg = cfg.MODEL.REG
+        device = torch.device(cfg.MODEL.DEVICE)
+        adversarial = generator = feature_noise = parameter_noise = None
+        if reg.AT.ENABLED:
+            adversarial = AdversarialTraining(eps=reg.AT.EPS, steps=reg.AT.STEPS,
+                                              adv_weight=reg.AT.WEIGHT)
+            generator = torch.Generator(device=device)
+            generator.manual_seed(reg.AT.SEED + comm.get_rank())
+        if reg.SGP.ENABLED:
+            logger.info("SGP (reconstructed from the abstract): mode %s, alpha %g, noise %s",
+                        reg.SGP.MODE, reg.SGP.ALPHA, reg.SGP.NOISE)
+            if reg.SGP.MODE == "feature":
+                feature_noise = FeatureGradientPerturbation(
+                    model, sites=tuple(reg.SGP.SITES), alpha=reg.SGP.ALPHA, prob=reg.SGP.PROB,
+                    noise=reg.SGP.NOISE, seed=reg.SGP.SEED, rank=comm.get_rank())
+            else:
+                parameter_noise = ParameterGradientPerturbation(
+                    alpha=reg.SGP.ALPHA, prob=reg.SGP.PROB, noise=reg.SGP.NOISE, seed=reg.SGP.SEED)
+        return cls.train_step_class(
+            model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED, adversarial=adversarial,
+            adversarial_generator=generator, feature_noise=feature_noise,
+            parameter_noise=parameter_noise, sgp_start_iter=reg.SGP.START_ITER)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer, iters_per_epoch):
+        return build_lr_scheduler(cfg, optimizer, iters_per_epoch)
 
     @classmethod
     def build_model(cls, cfg):
@@ -199,6 +262,8 @@ class Trainer(DefaultTrainer):
             elif isinstance(hook, fastreid_hooks.PeriodicWriter):
                 hook._period = self.cfg.SOLVER.LOG_PERIOD
             hooks.append(hook)
+        evaluation = next(i for i, h in enumerate(hooks) if isinstance(h, fastreid_hooks.EvalHook))
+        hooks.insert(evaluation + 1, EvalHistory(self.cfg.OUTPUT_DIR))
         penalty = find_l2_penalty(self.model)
         if penalty is not None and regularizer_enabled(self.cfg):
             # before the writers (the last hook), so the statistics are written the same epoch

@@ -15,6 +15,8 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
+from adaptive_l2.data.samplers import StrictIdentitySampler
+
 # How each supported real dataset must be laid out under DATASETS.ROOT (fast-reid's loaders).
 DATASET_LAYOUTS = {
     "Market1501": "Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}/*.jpg",
@@ -64,7 +66,12 @@ def build_train_loader(cfg):
             data.show_train()
         items.extend(data.train)
     train_set = CommDataset(items, build_transforms(cfg, is_train=True), relabel=True)
-    return build_reid_train_loader(cfg, train_set=train_set)
+    sampler = None
+    if cfg.DATALOADER.SAMPLER_TRAIN == "StrictIdentitySampler":
+        sampler = StrictIdentitySampler(train_set.img_items,
+                                        cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
+                                        cfg.DATALOADER.NUM_INSTANCE)
+    return build_reid_train_loader(cfg, train_set=train_set, sampler=sampler)
 
 
 def build_test_loader(cfg, dataset_name: str) -> Tuple[object, int]:
