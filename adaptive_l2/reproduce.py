@@ -94,17 +94,23 @@ def row_status(directory: str) -> str:
     return "todo"
 
 
+def _short(path: str) -> str:
+    """Paths under the repository as relative ones: commands run from the repository root."""
+    relative = os.path.relpath(path, REPO)
+    return path if relative.startswith("..") else relative
+
+
 def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int,
                   launcher: str, resume: bool) -> List[str]:
-    args = ["--config-file", row.config]
+    args = ["--config-file", _short(row.config)]
     if resume:
         args.append("--resume")
     tail = ["OUTPUT_DIR", output_dir(row, output_root), *opts]
     if launcher == "torchrun":
-        return ["torchrun", f"--nproc_per_node={num_gpus}", TRAIN_NET, *args, *tail]
+        return ["torchrun", f"--nproc_per_node={num_gpus}", _short(TRAIN_NET), *args, *tail]
     if num_gpus > 1:
         args += ["--num-gpus", str(num_gpus)]
-    return [sys.executable, TRAIN_NET, *args, *tail]
+    return [_short(sys.executable), _short(TRAIN_NET), *args, *tail]
 
 
 def iterations_of(row: Row, opts: Sequence[str]) -> int:
@@ -260,3 +266,20 @@ def write_table(results: Sequence[dict], output_root: str) -> List[str]:
     with open(table, "w") as handle:
         handle.write(format_csv(results))
     return [markdown, table]
+
+
+def collect_and_write(rows: Sequence[Row], output_root: str, opts: Sequence[str] = (),
+                      draw_factors: bool = False):
+    """The table of every row (finished or not), written as results.md / results.csv; with
+    `draw_factors`, the factor pictures of every run that logged factors."""
+    results = [row_results(row, output_root, opts) for row in rows]
+    paths = write_table(results, output_root)
+    if draw_factors:
+        from adaptive_l2.plotting import plot_factors
+        from adaptive_l2.hooks import FACTORS_FILE
+
+        for row in rows:
+            directory = output_dir(row, output_root)
+            if os.path.isfile(os.path.join(directory, FACTORS_FILE)):
+                paths += plot_factors(directory)
+    return format_table(results), paths
