@@ -2,7 +2,8 @@
 
 fast-reid's Checkpointer loads non-strictly and only logs skipped or mismatched tensors, so a
 checkpoint of another model evaluates random weights in silence. For evaluation every model tensor
-must come from the file, except the L2 penalty's thetas (a checkpoint trained without the penalty
+must come from the file and every tensor of the file must fit the model, except the L2 penalty's
+thetas (a checkpoint trained without the penalty
 evaluates the same: thetas do not touch the features).
 """
 from __future__ import annotations
@@ -27,12 +28,20 @@ def load_for_evaluation(model: nn.Module, path: str) -> None:
         raise ValueError(f"MODEL.WEIGHTS '{path}' is not a fast-reid checkpoint (no 'model' entry)")
     incompatible = checkpointer._load_model(checkpoint)
     ours = PENALTY_ATTRIBUTE + "."
-    missing = [k for k in incompatible.missing_keys if not k.startswith(ours)]
-    if incompatible.incorrect_shapes or missing:
+    # A classifier built with MODEL.HEADS.NUM_CLASSES 0 (the number is learnt from the training
+    # set) is empty at evaluation, where it plays no part: its size may differ from the file's.
+    classes_unknown = {k for k, _, model_shape in incompatible.incorrect_shapes if 0 in model_shape}
+    incompatible = incompatible._replace(incorrect_shapes=[
+        entry for entry in incompatible.incorrect_shapes if entry[0] not in classes_unknown])
+    missing = [k for k in incompatible.missing_keys
+               if not k.startswith(ours) and k not in classes_unknown]
+    unexpected = [k for k in incompatible.unexpected_keys if not k.startswith(ours)]
+    if incompatible.incorrect_shapes or missing or unexpected:
         shapes = ", ".join(f"{k}: {a} in file vs {b} in model"
                            for k, a, b in incompatible.incorrect_shapes[:5])
         raise ValueError(
             f"MODEL.WEIGHTS '{path}' does not match the configured model "
             f"({len(incompatible.incorrect_shapes)} tensors of another shape{': ' + shapes if shapes else ''}; "
-            f"{len(missing)} missing{': ' + ', '.join(missing[:5]) if missing else ''}). "
+            f"{len(missing)} missing{': ' + ', '.join(missing[:5]) if missing else ''}; "
+            f"{len(unexpected)} unknown to the model{': ' + ', '.join(unexpected[:5]) if unexpected else ''}). "
             "Was it trained with another MODEL.META_ARCHITECTURE / MODEL.BACKBONE config?")

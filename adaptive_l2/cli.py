@@ -22,6 +22,13 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "final_results.json"
 
 
+def _config_error(where: str, error: Exception) -> Exception:
+    """yacs reports a typo as KeyError or AssertionError and a wrong type as ValueError or
+    AssertionError; say where, and keep KeyError for unknown keys."""
+    message = f"{where}: {error.args[0] if error.args else error}"
+    return KeyError(message) if "Non-existent" in message else ValueError(message)
+
+
 def load_config(config_file: str, opts: Optional[List[str]] = None):
     """fast-reid defaults + the project's keys + the YAML + command-line overrides, checked."""
     cfg = get_cfg()
@@ -31,12 +38,12 @@ def load_config(config_file: str, opts: Optional[List[str]] = None):
             raise FileNotFoundError(f"--config-file '{config_file}' does not exist")
         try:
             cfg.merge_from_file(config_file)
-        except KeyError as error:
-            raise KeyError(f"{config_file}: {error.args[0]}") from error
+        except (KeyError, AssertionError, ValueError) as error:
+            raise _config_error(f"{config_file}", error) from error
     try:
         cfg.merge_from_list(opts or [])
-    except KeyError as error:
-        raise KeyError(f"command-line override: {error.args[0]}") from error
+    except (KeyError, AssertionError, ValueError) as error:
+        raise _config_error("command-line override", error) from error
     check_config(cfg)
     return cfg
 

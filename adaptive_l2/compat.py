@@ -273,6 +273,28 @@ def patch_inplace_normalization() -> None:
     APPLIED.append("out_of_place_normalization")
 
 
+def patch_metric_printer_same_iteration() -> None:
+    """Let fast-reid's console writer run twice at one iteration.
+
+    `CommonMetricPrinter.write` estimates the ETA from the iterations since its last write until
+    the iteration timer has samples (its first 3 iterations are warm-up). `PeriodicWriter` writes
+    after a step and again after the epoch: when an epoch ends on a write period within the first
+    iterations, the estimate divides by zero and training dies with ZeroDivisionError.
+    """
+    from fastreid.utils.events import CommonMetricPrinter, get_event_storage
+
+    host_write = CommonMetricPrinter.write
+
+    def write(self):
+        last = getattr(self, "_last_write", None)
+        if last is not None and last[0] == get_event_storage().iter:
+            self._last_write = None  # nothing elapsed since: no estimate, no division by zero
+        return host_write(self)
+
+    CommonMetricPrinter.write = write
+    APPLIED.append("metric_printer_same_iteration")
+
+
 _done = False
 
 
@@ -288,5 +310,6 @@ def apply_all() -> None:
     patch_rank_evaluator_compile()
     patch_read_image_errors()
     patch_inplace_normalization()
+    patch_metric_printer_same_iteration()
     patch_jaccard_search_device()
     _done = True

@@ -90,3 +90,17 @@ def test_models_leave_the_callers_images_untouched():
     with torch.no_grad():
         model({"images": images})
     assert torch.equal(images, original)
+
+
+def test_console_writer_survives_two_writes_at_one_iteration():
+    from fastreid.utils.events import CommonMetricPrinter, EventStorage
+
+    printer = CommonMetricPrinter(max_iter=10)
+    with EventStorage(0) as storage:
+        storage.epoch = 0
+        storage.put_scalar("total_loss", 1.0)
+        storage.iter = 1
+        printer.write()
+        printer.write()  # fast-reid divides by (iteration - last iteration) == 0 here
+        storage.iter = 2
+        printer.write()

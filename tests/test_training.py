@@ -58,6 +58,7 @@ def test_training_learns_and_same_seed_repeats_exactly(dataset_root, tmp_path):
     losses_a, losses_b = read_losses(first), read_losses(second)
     assert len(losses_a) == 8
     assert losses_a == losses_b
+    assert losses_a[-1][1] < losses_a[0][1]  # it learns
     results_a, results_b = read_results(first), read_results(second)
     assert results_a == results_b
     assert 0.0 < results_a["mAP"] <= 100.0
