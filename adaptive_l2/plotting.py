@@ -41,8 +41,9 @@ def plot_factors(run_dir: str, out_dir: str = "") -> List[str]:
     title = f"{os.path.basename(os.path.normpath(run_dir))}: {last['penalty']}"
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    top = max(float(final.max()), 1e-12)
-    bins = np.linspace(0.0, top * 1.05, 30)
+    low, high = float(final.min()), float(final.max())
+    margin = max((high - low) * 0.05, abs(high) * 0.01, 1e-12)
+    bins = np.linspace(low - margin, high + margin, 30)
     present = [k for k in KIND_COLOURS if (kinds == k).any()]
     ax.hist([final[kinds == k] for k in present], bins=bins, stacked=True,
             color=[KIND_COLOURS[k] for k in present],

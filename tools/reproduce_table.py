@@ -2,7 +2,7 @@
 """Rebuild the paper's results table, or the same pipeline on the embedded synthetic dataset.
 
   tools/reproduce_table.py --suite paper --dry-run          # one command per row, with its cost
-  tools/reproduce_table.py --suite paper --rows Market1501 --num-gpus 4
+  tools/reproduce_table.py --suite paper --rows Market1501,DukeMTMC/adaptive_l2_R50 --num-gpus 4
   tools/reproduce_table.py --suite paper --emit-commands jobs.txt   # one line per row, job arrays
   tools/reproduce_table.py --suite paper --collect          # the table from finished runs
   tools/reproduce_table.py --suite synthetic                # CPU, minutes: the demo
@@ -19,8 +19,9 @@ from adaptive_l2.reproduce import (collect_and_write, dry_run, output_dir, row_s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--suite", choices=["paper", "synthetic"], default="paper")
-    parser.add_argument("--rows", nargs="*", default=[],
-                        help="subset: DATASET, ROW or DATASET/ROW names (default: all)")
+    parser.add_argument("--rows", type=lambda text: [r for r in text.split(",") if r], default=[],
+                        help="comma-separated subset: DATASET, ROW or DATASET/ROW names "
+                             "(default: all)")
     parser.add_argument("--with-sgp", action="store_true",
                         help="add the SGP (reconstructed from the abstract) and AT comparator rows")
     parser.add_argument("--output-root", default="",
