@@ -29,6 +29,7 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.DATASETS.SYNTHETIC.IMAGES_PER_ID = 8  # images per identity, spread over the cameras
     cfg.DATASETS.SYNTHETIC.HEIGHT = 128  # generated image height in pixels
     cfg.DATASETS.SYNTHETIC.WIDTH = 64  # generated image width in pixels
+    cfg.DATASETS.SYNTHETIC.DIFFICULTY = 1.0  # scales every nuisance (camera, pose, occlusion); 0-3
 
     cfg.SOLVER.ITERS_PER_EPOCH = 0  # iterations per epoch; 0 = len(train set) // IMS_PER_BATCH
     cfg.SOLVER.LOG_PERIOD = 200  # iterations between console / metrics.json / tensorboard writes

@@ -125,4 +125,8 @@ def build_optimizer(cfg, model: nn.Module) -> Tuple[torch.optim.Optimizer, None]
     elif name in ("Adam", "AdamW"):
         kwargs = {"eps": cfg.SOLVER.ADAM_EPS}
     optimizer = optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
+    penalty = find_l2_penalty(model)
+    if penalty is not None:
+        # the penalty's weight gradient, added once the data gradients are final (see regularizers.l2)
+        optimizer.register_step_pre_hook(lambda *_: penalty.add_weight_gradients())
     return optimizer, None

@@ -3,9 +3,10 @@
 
 1. Step time (forward + backward + Adam step) of fast-reid's Baseline with the term on vs off,
    same model and batch, runs interleaved (on, off, on, off, ...), median of each.
-2. The penalty's forward + backward alone vs a memory-bandwidth floor (one pass that reads every
-   regularized tensor and writes a gradient-sized tensor: `torch._foreach_copy_`) and vs the naive
-   per-tensor Python loop (one small kernel per tensor, autograd through each).
+2. The penalty's forward + backward alone (value, theta gradients, and the weight gradients added
+   to the existing gradients) vs a memory-bandwidth floor (one pass that reads every regularized
+   tensor and writes a gradient-sized tensor: `torch._foreach_copy_`) and vs the naive per-tensor
+   Python loop (one small kernel per tensor, autograd through each).
 
 CPU default: R50, batch 16, 256x128. `--device cuda` (where a GPU exists): R50, batch 64, 384x128,
 AMP. Prints ratios against the named baselines; exits 0 (a benchmark reports, it does not judge).
@@ -93,13 +94,18 @@ def penalty_alone(args) -> None:
     grads = [torch.empty_like(w) for w in weights]
     nbytes = sum(w.numel() * w.element_size() for w in weights)
 
+    data_grads = [torch.zeros_like(w) for w in weights]
+
     def clear():
-        for p in weights + thetas:
-            p.grad = None
+        # as in training: the data loss has already left a gradient on every weight
+        for weight, grad in zip(weights, data_grads):
+            weight.grad = grad
+        for theta in thetas:
+            theta.grad = None
 
     def ours():
-        penalty.penalty().backward()
-
+        penalty.penalty().backward()  # value and theta gradients (autograd)
+        penalty.add_weight_gradients()  # what the optimizer's pre-step hook adds
     def naive():
         total = 0.0
         for amplitude, theta, weight in zip(penalty.amplitudes, thetas, weights):

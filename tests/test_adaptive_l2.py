@@ -46,7 +46,10 @@ def test_penalty_and_gradients_equal_hand_computation():
             t.fill_(v)
     weights = [p for _, p in regularized_tensors(model)]
     value = penalty.penalty()
-    value.backward()
+    value.backward()  # theta gradients
+    for w in weights:
+        w.grad = torch.zeros_like(w)
+    penalty.add_weight_gradients()  # weight gradients, as the optimizer's pre-step hook adds them
     f = [min(max(0.2 * t + 0.5, 0.0), 1.0) for t in thetas]
     expected = sum(A * fn * float((w.detach().double() ** 2).sum()) for fn, w in zip(f, weights))
     assert abs(float(value.detach()) - expected) < 1e-6 * max(1.0, expected)
@@ -61,19 +64,43 @@ def test_conventional_penalty_is_a_constant_factor():
     torch.manual_seed(0)
     model = Small()
     penalty = ConventionalL2Penalty(regularized_tensors(model), 0.005)
-    penalty.penalty().backward()
+    for _, w in regularized_tensors(model):
+        w.grad = torch.zeros_like(w)
+    penalty.add_weight_gradients()
     for _, w in regularized_tensors(model):
         assert torch.allclose(w.grad, 0.01 * w.detach())  # Keras l2(0.005) == weight decay 0.01
 
 
 def test_squared_norms_accumulate_in_fp32_for_half_weights():
-    big = torch.full((1000,), 10.0, dtype=torch.float16, requires_grad=True)  # sum sq = 1e5
-    assert torch.isinf((big.detach() ** 2).sum())  # fp16 accumulation overflows
+    big = torch.full((1000,), 10.0, dtype=torch.float16)  # sum of squares 1e5 > fp16 max
+    assert torch.isinf((big ** 2).sum())  # fp16 accumulation overflows
     sq = squared_norms([big])
     assert sq.dtype == torch.float32
     assert float(sq[0]) == pytest.approx(1e5)
-    sq.sum().backward()
-    assert big.grad.dtype == torch.float16 and torch.allclose(big.grad.float(), big.detach().float() * 2)
+    model = nn.Linear(1000, 1, bias=False).half()
+    with torch.no_grad():
+        model.weight.fill_(10.0)
+    penalty = _penalty(model)
+    assert torch.isfinite(penalty.penalty()) and float(penalty.penalty()) == pytest.approx(A * 0.5 * 1e5)
+    model.weight.grad = torch.zeros_like(model.weight)
+    penalty.add_weight_gradients()
+    assert model.weight.grad.dtype == torch.float16
+    assert torch.allclose(model.weight.grad.float(), torch.full((1, 1000), 2 * A * 0.5 * 10.0), rtol=1e-3)
+
+
+def test_optimizer_step_applies_the_weight_gradient_once(dataset_root, tmp_path):
+    """SGD, lr 1, no data gradient: one step scales every tensor by 1 - 2 * 0.005."""
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
+                   "MODEL.REG.CONVENTIONAL.ENABLED", "True", "SOLVER.OPT", "SGD",
+                   "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0")
+    model = Trainer.build_model(cfg)
+    optimizer, _ = build_optimizer(cfg, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, before[name] * (1 - 0.01), atol=1e-7), name
 
 
 @pytest.mark.parametrize("extra", [

@@ -67,3 +67,12 @@ def test_checkpoint_of_another_model_is_refused_for_evaluation(dataset_root, tmp
         load_for_evaluation(Trainer.build_model(cfg), path)
     with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS"):
         load_for_evaluation(Trainer.build_model(cfg), os.path.join(str(tmp_path), "none.pth"))
+
+
+def test_pretraining_without_a_local_file_is_refused_instead_of_downloading(dataset_root, tmp_path):
+    from adaptive_l2.trainer import Trainer
+
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
+                   "MODEL.BACKBONE.PRETRAIN", "True")
+    with pytest.raises(ValueError, match="never downloads"):
+        Trainer.build_model(cfg)

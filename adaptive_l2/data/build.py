@@ -31,6 +31,7 @@ def synthetic_kwargs(cfg) -> dict:
         "seed": syn.SEED, "num_train_ids": syn.NUM_TRAIN_IDS, "num_test_ids": syn.NUM_TEST_IDS,
         "num_distractors": syn.NUM_DISTRACTORS, "num_cameras": syn.NUM_CAMERAS,
         "images_per_id": syn.IMAGES_PER_ID, "height": syn.HEIGHT, "width": syn.WIDTH,
+        "difficulty": syn.DIFFICULTY,
     }
 
 

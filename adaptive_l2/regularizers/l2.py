@@ -5,8 +5,12 @@ parameters (the adaptive thetas) live in the model: the optimizer, DDP, GradScal
 resume carry them without further work. The penalty is added to the model's loss dict in training
 by a forward hook, so fast-reid sums and logs it with the other losses.
 
-Hot path: squared norms and their gradients are computed with torch's multi-tensor (`_foreach_*`)
-kernels over all tensors at once, in fp32 whatever the parameters' dtype.
+Hot path. The penalty's value and its theta gradients come from autograd, over squared norms
+computed by one multi-tensor kernel in fp32 whatever the parameters' dtype. Its weight gradient
+dPenalty/dW_n = 2 * lambda_n * W_n is added to the gradients in one multi-tensor pass just before the
+optimizer step (an optimizer step pre-hook, after GradScaler's unscale and DDP's all-reduce; the
+same values as autograd would give, as torch's coupled weight decay adds them): through autograd it
+would cost a new gradient-sized tensor and an extra accumulation pass over every parameter.
 """
 from __future__ import annotations
 
@@ -59,28 +63,10 @@ def regularized_tensors(model: nn.Module, exclude: Sequence[nn.Parameter] = ()) 
     return found
 
 
-class _SquaredNorms(torch.autograd.Function):
-    """||W_n||^2 for a list of tensors, as one fp32 vector; backward is one foreach multiply."""
-
-    @staticmethod
-    def forward(ctx, *weights: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(*weights)
-        norms = torch._foreach_norm(weights, 2, dtype=torch.float32)
-        return torch.stack(norms).square()
-
-    @staticmethod
-    def backward(ctx, grad_sq: torch.Tensor):
-        weights = ctx.saved_tensors
-        scales = (2.0 * grad_sq).unbind()
-        if weights and weights[0].dtype != torch.float32:
-            scales = [s.to(weights[0].dtype) for s in scales]
-        return tuple(torch._foreach_mul(weights, scales))
-
-
 def squared_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """fp32 vector of squared L2 norms, differentiable w.r.t. every weight."""
-    with torch.autocast(device_type=weights[0].device.type, enabled=False):
-        return _SquaredNorms.apply(*weights)
+    """fp32 vector of the squared L2 norms ||W_n||^2 (one multi-tensor kernel, no autograd)."""
+    with torch.no_grad(), torch.autocast(device_type=weights[0].device.type, enabled=False):
+        return torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32)).square()
 
 
 def _signature(names: Sequence[str]) -> int:
@@ -119,7 +105,25 @@ class L2PenaltyBase(nn.Module):
             )
 
     def penalty(self) -> torch.Tensor:
+        """The value added to the loss; differentiable w.r.t. the thetas only (see module doc)."""
         raise NotImplementedError
+
+    def weight_gradient_factors(self) -> torch.Tensor:
+        """fp32 vector of 2 * lambda_n: dPenalty/dW_n = 2 * lambda_n * W_n."""
+        return 2.0 * self.factors().float()
+
+    @torch.no_grad()
+    def add_weight_gradients(self) -> None:
+        """W_n.grad += 2 * lambda_n * W_n for every tensor that has a gradient this step."""
+        factors = self.weight_gradient_factors().to(self._weights[0].device)
+        grads, weights, scales = [], [], []
+        for weight, factor in zip(self._weights, factors.unbind()):
+            if weight.grad is not None:
+                grads.append(weight.grad)
+                weights.append(weight)
+                scales.append(factor.reshape(1).to(weight.grad.dtype))
+        if grads:
+            torch._foreach_addcmul_(grads, weights, scales)
 
 
 class AdaptiveL2Penalty(L2PenaltyBase):
@@ -150,7 +154,7 @@ class AdaptiveL2Penalty(L2PenaltyBase):
 
     def penalty(self) -> torch.Tensor:
         weighted = self.amplitudes * hard_sigmoid_keras(self.theta_vector())
-        return torch.dot(weighted, squared_norms(self._weights))
+        return torch.dot(weighted, squared_norms(self._weights))  # theta-differentiable
 
 
 class ConventionalL2Penalty(L2PenaltyBase):
@@ -166,7 +170,7 @@ class ConventionalL2Penalty(L2PenaltyBase):
         return torch.full((len(self.entries),), self.factor)
 
     def penalty(self) -> torch.Tensor:
-        return self.factor * squared_norms(self._weights).sum()
+        return self.factor * squared_norms(self._weights).sum()  # constant for autograd
 
 
 PENALTY_ATTRIBUTE = "l2_penalty"
