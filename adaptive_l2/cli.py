@@ -11,6 +11,7 @@ from fastreid.config import get_cfg
 from fastreid.engine import default_argument_parser, default_setup
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
+from fastreid.utils.logger import setup_logger
 
 from adaptive_l2.checkpoint import load_for_evaluation
 from adaptive_l2.config import add_reg_config, check_config
@@ -52,9 +53,12 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # the project's own messages go to the same console and log.txt as fast-reid's
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="adaptive_l2")
     if cfg.SEED >= 0:
         # default_setup seeded from time and pid; a fixed seed makes runs repeatable
         seed_all_rng(cfg.SEED + comm.get_rank())
+        logger.info("Seeded every generator with SEED %d + rank %d", cfg.SEED, comm.get_rank())
     return cfg
 
 

@@ -95,3 +95,35 @@ def test_two_gloo_processes_end_with_identical_parameters(dataset_root, tmp_path
     assert len(prints[0]["thetas"]) > 50
     assert any(t != 0.0 for t in prints[0]["thetas"])  # the thetas trained, identically
     assert read_results(out)["mAP"] > 0
+
+
+def test_torchrun_two_cpu_processes_join_one_job(dataset_root, tmp_path):
+    """env:// rendezvous as torchrun sets it up (the multi-node path is the same code)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, TRAIN_NET
+
+    from fastreid.engine.launch import _find_free_port
+
+    out = tmp_path / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_find_free_port()), TRAIN_NET,
+         "--config-file", SYNTHETIC_BASE, *tiny_opts(dataset_root, out)],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(out / RANK_FINGERPRINTS) as handle:
+        prints = json.load(handle)
+    assert len(prints) == 2 and prints[0] == prints[1]
+
+
+def test_amp_on_cpu_falls_back_to_fp32_with_a_warning(dataset_root, tmp_path, caplog):
+    from adaptive_l2.trainer import resolve_amp
+
+    cfg = tiny_cfg(dataset_root, tmp_path, "SOLVER.AMP.ENABLED", "True")
+    with caplog.at_level("WARNING"):
+        resolved = resolve_amp(cfg)
+    assert resolved.SOLVER.AMP.ENABLED is False and cfg.SOLVER.AMP.ENABLED is True
+    assert "AMP needs CUDA" in caplog.text
