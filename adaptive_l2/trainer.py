@@ -188,6 +188,9 @@ class Trainer(DefaultTrainer):
         checkpointables = dict(self.scheduler)
         if self._trainer.grad_scaler is not None:
             checkpointables["grad_scaler"] = self._trainer.grad_scaler
+        noise = self._trainer.feature_noise or self._trainer.parameter_noise
+        if noise is not None:
+            checkpointables["sgp"] = noise  # its random stream continues on resume
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
                                          optimizer=optimizer, **checkpointables)
         self.start_epoch = 0

@@ -66,7 +66,8 @@ def test_training_learns_and_same_seed_repeats_exactly(dataset_root, tmp_path):
 
 def test_eval_only_reproduces_metrics_and_resume_continues(dataset_root, tmp_path):
     out = tmp_path / "run"
-    run_train_net(["--config-file", SYNTHETIC_BASE, *tiny_opts(dataset_root, out)])
+    sgp = ["MODEL.REG.SGP.ENABLED", "True"]  # its random stream is checkpointed and resumed too
+    run_train_net(["--config-file", SYNTHETIC_BASE, *tiny_opts(dataset_root, out, *sgp)])
     trained = read_results(out)
     evaluated_dir = tmp_path / "eval"
     run_train_net(["--config-file", SYNTHETIC_BASE, "--eval-only",
@@ -78,7 +79,7 @@ def test_eval_only_reproduces_metrics_and_resume_continues(dataset_root, tmp_pat
     # resume: 2 more epochs from the last checkpoint, starting at iteration 4
     resumed = run_train_net(["--config-file", SYNTHETIC_BASE, "--resume",
                              *tiny_opts(dataset_root, out, "SOLVER.MAX_EPOCH", "4",
-                                        "TEST.EVAL_PERIOD", "4")])
+                                        "TEST.EVAL_PERIOD", "4", *sgp)])
     assert "Starting training from epoch 2" in resumed.stderr + resumed.stdout
     iterations = [i for i, _ in read_losses(out)]
     assert max(iterations) == 7
