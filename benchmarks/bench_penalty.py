@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--depth", default="50x")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--size", type=int, nargs=2, default=None)
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved on/off step pairs")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved on/off step pairs")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--penalty-repeats", type=int, default=20)
     parser.add_argument("--skip-steps", action="store_true", help="only the penalty-alone part")
