@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import logging
 import sys
 import types
 import warnings
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -123,13 +124,29 @@ def patch_removed_std_names() -> None:
         APPLIED.append("collections_mapping_alias")
 
 
-def patch_dataloader_cuda_stream() -> None:
-    """Make fast-reid's DataLoaderX usable without CUDA.
+_batches_on_cuda: Optional[bool] = None  # set by `batches_on` while the project builds loaders
 
-    `fastreid.data.data_utils.DataLoaderX` creates a CUDA stream in its constructor and a
-    background thread calling `torch.cuda.set_device`, so building any data loader crashes on a
-    machine without CUDA. Without CUDA we hand out a plain `torch.utils.data.DataLoader` (batches
-    stay on the CPU; the models move them to their device anyway).
+
+@contextlib.contextmanager
+def batches_on(device: str):
+    """Loaders built inside deliver their batches for `device` (a config's MODEL.DEVICE)."""
+    global _batches_on_cuda
+    previous = _batches_on_cuda
+    _batches_on_cuda = str(device).startswith("cuda")
+    try:
+        yield
+    finally:
+        _batches_on_cuda = previous
+
+
+def patch_dataloader_cuda_stream() -> None:
+    """Make fast-reid's DataLoaderX usable without CUDA, and for CPU runs on a GPU machine.
+
+    `fastreid.data.data_utils.DataLoaderX` creates a CUDA stream in its constructor, a background
+    thread calling `torch.cuda.set_device`, and moves every batch to `cuda:local_rank`: building a
+    loader crashes without CUDA, and a `MODEL.DEVICE cpu` run on a GPU machine gets CUDA batches.
+    The host's loader is kept only for batches meant for a GPU (the device of the loader being
+    built, see `batches_on`; CUDA availability otherwise); a plain DataLoader serves the rest.
     """
     from torch.utils.data import DataLoader
 
@@ -142,7 +159,8 @@ def patch_dataloader_cuda_stream() -> None:
         """`DataLoaderX` where CUDA exists, a plain DataLoader elsewhere."""
 
         def __new__(cls, local_rank: int, **kwargs):
-            if torch.cuda.is_available():
+            on_cuda = torch.cuda.is_available() if _batches_on_cuda is None else _batches_on_cuda
+            if on_cuda and torch.cuda.is_available():
                 return host_loader(local_rank, **kwargs)
             return DataLoader(**kwargs)
 

@@ -108,6 +108,9 @@ def check_config(cfg: CN) -> None:
                          f"{sgp.ALPHA}, {sgp.PROB}")
     if cfg.MODEL.REG.AT.ENABLED and (cfg.MODEL.REG.AT.EPS <= 0 or cfg.MODEL.REG.AT.STEPS < 1):
         raise ValueError("MODEL.REG.AT.EPS must be > 0 and MODEL.REG.AT.STEPS >= 1")
+    if cfg.MODEL.REG.AT.ENABLED and cfg.MODEL.REG.AT.WEIGHT != 1.0 and regularizer_enabled(cfg):
+        raise ValueError("MODEL.REG.AT.WEIGHT != 1 runs two forwards per step, each adding the L2 "
+                         "penalty: use MODEL.REG.AT.WEIGHT 1.0 with MODEL.REG.ADAPTIVE / CONVENTIONAL")
     device = str(cfg.MODEL.DEVICE)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(

@@ -66,9 +66,9 @@ class L2FactorLogger(HookBase):
 
 
 class ResumableLayerFreeze(fastreid_hooks.LayerFreeze):
-    """fast-reid's LayerFreeze (frozen children in eval mode), plus the optimizer's freeze switch
-    driven by the trainer's iteration, which a resumed run restores (fast-reid's optimizer wrapper
-    counts its own steps from 0 again after a resume)."""
+    """fast-reid's LayerFreeze (frozen children in eval mode, kept so after every evaluation),
+    plus the optimizer's freeze switch driven by the trainer's iteration, which a resumed run
+    restores (fast-reid's optimizer wrapper counts its own steps from 0 again after a resume)."""
 
     def __init__(self, model, optimizer, freeze_layers, freeze_iters):
         super().__init__(model, freeze_layers, freeze_iters)
@@ -76,7 +76,14 @@ class ResumableLayerFreeze(fastreid_hooks.LayerFreeze):
 
     def before_step(self):
         super().before_step()
-        self.optimizer.freeze_active = self.trainer.iter < self.freeze_iters
+        frozen = self.trainer.iter < self.freeze_iters
+        self.optimizer.freeze_active = frozen
+        if frozen:
+            # an evaluation's inference_context ends with model.train(), which wakes the frozen
+            # children (their BN would use batch statistics); fast-reid's hook never re-freezes
+            for name, module in self.model.named_children():
+                if name in self.freeze_layers and module.training:
+                    module.eval()
 
 
 

@@ -30,13 +30,20 @@ FREEZE = "freeze"
 
 
 def with_layer_freeze(optimizer_class: Type[torch.optim.Optimizer]) -> Type[torch.optim.Optimizer]:
-    """Subclass whose `step` skips the groups marked "freeze" while `freeze_active` is True."""
+    """Subclass whose `step` runs `before_step` once, then skips the groups marked "freeze" while
+    `freeze_active` is True."""
 
     class OptimizerWithLayerFreeze(optimizer_class):
         freeze_active = False
+        # called once at the start of every step (after GradScaler's unscale): the L2 penalty's
+        # weight gradient. Not a torch step pre-hook: torch runs those once per wrapped class in
+        # the step chain, twice here if a plain optimizer of the base class was created before.
+        before_step = None
 
         @torch.no_grad()
         def step(self, closure=None):
+            if self.before_step is not None:
+                self.before_step()
             if not self.freeze_active:
                 return super().step(closure)
             held = []
@@ -128,5 +135,5 @@ def build_optimizer(cfg, model: nn.Module) -> Tuple[torch.optim.Optimizer, None]
     penalty = find_l2_penalty(model)
     if penalty is not None:
         # the penalty's weight gradient, added once the data gradients are final (see regularizers.l2)
-        optimizer.register_step_pre_hook(lambda *_: penalty.add_weight_gradients())
+        optimizer.before_step = penalty.add_weight_gradients
     return optimizer, None

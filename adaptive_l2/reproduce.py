@@ -83,7 +83,8 @@ def select_rows(rows: Sequence[Row], only: Sequence[str]) -> List[Row]:
 
 
 def output_dir(row: Row, output_root: str) -> str:
-    return os.path.join(output_root, row.dataset, row.name)
+    """Relative roots are taken from the repository root, where the runs execute."""
+    return os.path.join(os.path.join(REPO, output_root), row.dataset, row.name)
 
 
 def row_status(directory: str) -> str:
@@ -105,9 +106,10 @@ def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int
     args = ["--config-file", _short(row.config)]
     if resume:
         args.append("--resume")
-    tail = ["OUTPUT_DIR", output_dir(row, output_root), *opts]
+    tail = ["OUTPUT_DIR", _short(output_dir(row, output_root)), *opts]
     if launcher == "torchrun":
-        return ["torchrun", f"--nproc_per_node={num_gpus}", _short(TRAIN_NET), *args, *tail]
+        return [_short(sys.executable), "-m", "torch.distributed.run",
+                f"--nproc_per_node={num_gpus}", _short(TRAIN_NET), *args, *tail]
     if num_gpus > 1:
         args += ["--num-gpus", str(num_gpus)]
     return [_short(sys.executable), _short(TRAIN_NET), *args, *tail]
@@ -258,6 +260,7 @@ def format_csv(results: Sequence[dict]) -> str:
 
 
 def write_table(results: Sequence[dict], output_root: str) -> List[str]:
+    output_root = os.path.join(REPO, output_root)
     os.makedirs(output_root, exist_ok=True)
     markdown = os.path.join(output_root, "results.md")
     table = os.path.join(output_root, "results.csv")

@@ -120,20 +120,23 @@ def resolve_amp(cfg):
 
 
 def wrap_distributed(model, cfg):
+    """DDP with rank 0's buffers (BN statistics) broadcast at every forward: fast-reid turns that
+    off, and then each rank evaluates its share of the test set with its own statistics while the
+    checkpoint holds rank 0's, so a run's metrics describe no saved model."""
     if comm.get_world_size() <= 1:
         return model
     if str(cfg.MODEL.DEVICE).startswith("cuda"):
         return DistributedDataParallel(model, device_ids=[comm.get_local_rank()],
-                                       broadcast_buffers=False)
-    return DistributedDataParallel(model, broadcast_buffers=False)
+                                       broadcast_buffers=True)
+    return DistributedDataParallel(model, broadcast_buffers=True)
 
 
 def parameter_fingerprint(model) -> dict:
-    """Order-sensitive sums of all parameters and of the adaptive thetas (float64)."""
+    """Order-sensitive sums of all parameters and buffers, and the adaptive thetas (float64)."""
     model = getattr(model, "module", model)
     total = torch.zeros((), dtype=torch.float64)
     weighted = torch.zeros((), dtype=torch.float64)
-    for index, param in enumerate(model.parameters()):
+    for index, param in enumerate(list(model.parameters()) + list(model.buffers())):
         value = param.detach().double().sum().cpu()
         total += value
         weighted += value * (index + 1)
@@ -188,9 +191,6 @@ class Trainer(DefaultTrainer):
         checkpointables = dict(self.scheduler)
         if self._trainer.grad_scaler is not None:
             checkpointables["grad_scaler"] = self._trainer.grad_scaler
-        noise = self._trainer.feature_noise or self._trainer.parameter_noise
-        if noise is not None:
-            checkpointables["sgp"] = noise  # its random stream continues on resume
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
                                          optimizer=optimizer, **checkpointables)
         self.start_epoch = 0
@@ -202,7 +202,14 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def train(self):
-        results = super().train()
+        if self.start_epoch >= self.max_epoch:
+            # resumed after the last checkpoint of a finished run (killed before its results
+            # were written): nothing to train, evaluate the model as it stands
+            logger.info("Training already reached epoch %d: evaluating the last checkpoint",
+                        self.max_epoch)
+            results = self.test(self.cfg, self.model)
+        else:
+            results = super().train()
         check_ranks_agree(self.model, self.cfg.OUTPUT_DIR)
         return results
 

@@ -89,7 +89,10 @@ def test_squared_norms_accumulate_in_fp32_for_half_weights():
 
 
 def test_optimizer_step_applies_the_weight_gradient_once(dataset_root, tmp_path):
-    """SGD, lr 1, no data gradient: one step scales every tensor by 1 - 2 * 0.005."""
+    """SGD, lr 1, no data gradient: one step scales every tensor by 1 - 2 * 0.005 (once, also when
+    plain optimizers of the same classes were created before: torch then hooks their step too)."""
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=0.1)
     cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
                    "MODEL.REG.CONVENTIONAL.ENABLED", "True", "SOLVER.OPT", "SGD",
                    "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0")

@@ -76,3 +76,17 @@ def test_pretraining_without_a_local_file_is_refused_instead_of_downloading(data
                    "MODEL.BACKBONE.PRETRAIN", "True")
     with pytest.raises(ValueError, match="never downloads"):
         Trainer.build_model(cfg)
+
+
+def test_missing_msmt17_names_its_layout(tmp_path):
+    from adaptive_l2.data.build import build_dataset
+
+    cfg = load_config(SYNTHETIC_BASE, ["DATASETS.ROOT", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="MSMT17_V2"):
+        build_dataset(cfg, "MSMT17TrainVal")
+
+
+def test_adversarial_weight_with_an_l2_term_is_refused():
+    with pytest.raises(ValueError, match="MODEL.REG.AT.WEIGHT"):
+        load_config(SYNTHETIC_BASE, ["MODEL.REG.ADAPTIVE", "True", "MODEL.REG.AT.ENABLED", "True",
+                                     "MODEL.REG.AT.WEIGHT", "0.5"])

@@ -104,3 +104,20 @@ def test_console_writer_survives_two_writes_at_one_iteration():
         printer.write()  # fast-reid divides by (iteration - last iteration) == 0 here
         storage.iter = 2
         printer.write()
+
+
+def test_cpu_runs_get_cpu_batches_on_a_gpu_machine(monkeypatch, tmp_path):
+    """fast-reid's DataLoaderX would move every batch to cuda:local_rank."""
+    import fastreid.data.build as data_build
+    from torch.utils.data import DataLoader
+
+    created = []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("fastreid.data.data_utils.DataLoaderX.__init__",
+                        lambda self, *a, **k: created.append("DataLoaderX"))
+    with compat.batches_on("cpu"):
+        loader = data_build.DataLoaderX(0, dataset=[1, 2, 3], batch_size=2)
+    assert type(loader) is DataLoader and created == []
+    with compat.batches_on("cuda"):
+        data_build.DataLoaderX(0, dataset=[1, 2, 3], batch_size=2)
+    assert created == ["DataLoaderX"]

@@ -71,7 +71,13 @@ def test_phase_a_freezes_backbone_bn_and_thetas_then_phase_b_trains_all(tmp_path
         hook.trainer.iter += 1
 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(frozen_names)}
-    for _ in range(2):  # phase A
+    for index in range(2):  # phase A
+        if index == 1:  # an evaluation in between: fast-reid's inference_context ends in train()
+            from fastreid.evaluation.evaluator import inference_context
+
+            with inference_context(model):
+                pass
+            assert model.backbone.training
         step()
         for name in frozen_names:
             bns = [m for m in getattr(model, name).modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -83,6 +83,11 @@ def test_eval_only_reproduces_metrics_and_resume_continues(dataset_root, tmp_pat
     assert "Starting training from epoch 2" in resumed.stderr + resumed.stdout
     iterations = [i for i, _ in read_losses(out)]
     assert max(iterations) == 7
+    # killed after its last checkpoint, before its results were written: --resume evaluates
+    os.remove(out / "final_results.json")
+    run_train_net(["--config-file", SYNTHETIC_BASE, "--resume",
+                   *tiny_opts(dataset_root, out, "SOLVER.MAX_EPOCH", "4", "TEST.EVAL_PERIOD", "4")])
+    assert read_results(out)["mAP"] > 0
 
 
 def test_two_gloo_processes_end_with_identical_parameters(dataset_root, tmp_path):

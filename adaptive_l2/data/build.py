@@ -15,6 +15,7 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
+from adaptive_l2.compat import batches_on
 from adaptive_l2.data.samplers import StrictIdentitySampler
 
 # How each supported real dataset must be laid out under DATASETS.ROOT (fast-reid's loaders).
@@ -23,6 +24,7 @@ DATASET_LAYOUTS = {
     "DukeMTMC": "DukeMTMC-reID/{bounding_box_train,query,bounding_box_test}/*.jpg",
     "MSMT17": "MSMT17_V2/{mask_train_v2,mask_test_v2}/ plus list_{train,val,query,gallery}.txt",
 }
+DATASET_LAYOUTS["MSMT17TrainVal"] = DATASET_LAYOUTS["MSMT17"]
 
 
 def synthetic_kwargs(cfg) -> dict:
@@ -48,8 +50,9 @@ def build_dataset(cfg, name: str, **kwargs):
         kwargs = {**synthetic_kwargs(cfg), **kwargs}
     try:
         return dataset_class(root=root, **kwargs)
-    except RuntimeError as error:
-        if "is not found" not in str(error):
+    except (RuntimeError, AssertionError) as error:
+        # fast-reid says "... is not found" (RuntimeError) or, for MSMT17, asserts
+        if "not found" not in str(error):
             raise
         layout = DATASET_LAYOUTS.get(name, "the layout fast-reid's loader for it expects")
         raise FileNotFoundError(
@@ -72,7 +75,8 @@ def build_train_loader(cfg):
         sampler = StrictIdentitySampler(train_set.img_items,
                                         cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
                                         cfg.DATALOADER.NUM_INSTANCE)
-    return build_reid_train_loader(cfg, train_set=train_set, sampler=sampler)
+    with batches_on(cfg.MODEL.DEVICE):
+        return build_reid_train_loader(cfg, train_set=train_set, sampler=sampler)
 
 
 def build_test_loader(cfg, dataset_name: str) -> Tuple[object, int]:
@@ -81,7 +85,8 @@ def build_test_loader(cfg, dataset_name: str) -> Tuple[object, int]:
         data.show_test()
     test_set = CommDataset(data.query + data.gallery, build_transforms(cfg, is_train=False),
                            relabel=False)
-    loader, num_query = build_reid_test_loader(
-        test_set=test_set, test_batch_size=cfg.TEST.IMS_PER_BATCH, num_query=len(data.query),
-        num_workers=cfg.DATALOADER.NUM_WORKERS)
+    with batches_on(cfg.MODEL.DEVICE):
+        loader, num_query = build_reid_test_loader(
+            test_set=test_set, test_batch_size=cfg.TEST.IMS_PER_BATCH,
+            num_query=len(data.query), num_workers=cfg.DATALOADER.NUM_WORKERS)
     return loader, num_query
