@@ -186,8 +186,7 @@ def patch_jaccard_search_device() -> None:
         if metric != "jaccard":
             return host_build_dist(feat_1, feat_2, metric, **kwargs)
         feat = torch.cat((feat_1, feat_2), dim=0)
-        dist = jaccard_distance(feat, k1=kwargs["k1"], k2=kwargs["k2"])
-        return dist[: feat_1.size(0), feat_1.size(0):]
+        return jaccard_distance(feat, k1=kwargs["k1"], k2=kwargs["k2"], num_query=feat_1.size(0))
 
     compute_dist.build_dist = build_dist
     import fastreid.evaluation.reid_evaluation as reid_evaluation

@@ -168,3 +168,18 @@ def test_fastreid_evaluator_reranks_on_cpu():
     )
     assert reranked["mAP"] == pytest.approx(np.mean(all_ap) * 100, abs=1e-4)
     assert reranked["Rank-1"] == pytest.approx(cmc[0] * 100, abs=1e-4)
+
+
+def test_query_by_gallery_block_equals_the_slice_of_the_full_matrix():
+    import torch
+
+    from adaptive_l2.evaluation.rerank import jaccard_distance
+
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(12, 32, generator=generator)
+    features = centres.repeat_interleave(10, dim=0) + 0.3 * torch.randn(120, 32, generator=generator)
+    full = jaccard_distance(features, k1=8, k2=3)
+    for num_query in (1, 17, 60, 119):
+        block = jaccard_distance(features, k1=8, k2=3, num_query=num_query)
+        assert block.shape == (num_query, 120 - num_query)
+        assert np.array_equal(block, full[:num_query, num_query:])

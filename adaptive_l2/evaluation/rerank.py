@@ -17,7 +17,7 @@ The only dense N x N array is the returned distance matrix.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,8 +34,11 @@ _GATHER_ELEMENTS = 1 << 21  # neighbour-of-neighbour rank tables, gathered featu
 _PAIR_ELEMENTS = 1 << 20  # (row, row, min) triplets and the dense slab of one Jaccard block
 
 
-def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6) -> np.ndarray:
-    """Jaccard distance of k-reciprocal neighbour sets; N x N float32, like fast-reid's.
+def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6,
+                     num_query: Optional[int] = None) -> np.ndarray:
+    """Jaccard distance of k-reciprocal neighbour sets; N x N float32, like fast-reid's, or, with
+    `num_query` (features = queries then gallery), only the num_query x (N - num_query) block the
+    evaluation uses: at MSMT17 size (N = 93820) the full matrix alone would take 35 GB.
 
     Same result as `compute_jaccard_distance(features, k1, k2, search_option=3)` (faiss CPU),
     several times faster and in less memory: the neighbour sets are identical and the
@@ -57,12 +60,15 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6) -> np.nd
         raise ValueError(
             f"k-reciprocal re-ranking needs at least k1={k1} samples (query + gallery), got {num}"
         )
+    if num_query is not None and not 0 < num_query < num:
+        raise ValueError(f"num_query must be in 1 .. {num - 1}, got {num_query}")
     if features.is_cuda and _faiss_has_gpus():
         from fastreid.utils.compute_dist import compute_jaccard_distance
 
-        return compute_jaccard_distance(features, k1=k1, k2=k2, search_option=0)
+        full = compute_jaccard_distance(features, k1=k1, k2=k2, search_option=0)
+        return full if num_query is None else full[:num_query, num_query:]
     feats = features.detach().to("cpu", torch.float32).contiguous().numpy()
-    return _jaccard_distance_cpu(feats, k1, k2)
+    return _jaccard_distance_cpu(feats, k1, k2, num_query)
 
 
 def rerank_distance(
@@ -97,8 +103,9 @@ def rerank_distance(
         raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
     if gallery.device != query.device:
         gallery = gallery.to(query.device)
-    jaccard = jaccard_distance(torch.cat((query, gallery), dim=0), k1=k1, k2=k2)
-    return jaccard[: expected[0], expected[0]:] * (1 - lambda_value) + original * lambda_value
+    jaccard = jaccard_distance(torch.cat((query, gallery), dim=0), k1=k1, k2=k2,
+                               num_query=expected[0])
+    return jaccard * (1 - lambda_value) + original * lambda_value
 
 
 def _check_ks(k1: int, k2: int) -> Tuple[int, int]:
@@ -115,7 +122,8 @@ def _faiss_has_gpus() -> bool:
     return get_num_gpus is not None and get_num_gpus() > 0
 
 
-def _jaccard_distance_cpu(features: np.ndarray, k1: int, k2: int) -> np.ndarray:
+def _jaccard_distance_cpu(features: np.ndarray, k1: int, k2: int,
+                         num_query: Optional[int] = None) -> np.ndarray:
     """The sparse pipeline on contiguous float32 features; each step mirrors one of fast-reid's."""
     num = features.shape[0]
     ranks = _knn_ranks(features, k1)
@@ -125,7 +133,7 @@ def _jaccard_distance_cpu(features: np.ndarray, k1: int, k2: int) -> np.ndarray:
     weights = _gaussian_weights(features, expanded)
     if k2 != 1:
         weights = _query_expansion(weights, ranks[:, :k2])
-    return _jaccard_from_weights(weights.astype(np.float32), num)
+    return _jaccard_from_weights(weights.astype(np.float32), num, num_query)
 
 
 def _knn_ranks(features: np.ndarray, k: int) -> np.ndarray:
@@ -251,7 +259,8 @@ def _query_expansion(weights: sp.csr_matrix, neighbours: np.ndarray) -> sp.csr_m
     return expanded
 
 
-def _jaccard_from_weights(weights: sp.csr_matrix, num: int) -> np.ndarray:
+def _jaccard_from_weights(weights: sp.csr_matrix, num: int,
+                          num_query: Optional[int] = None) -> np.ndarray:
     """1 - m / (2 - m), m[i, j] = sum_c min(V[i, c], V[j, c]), clipped at 0, as fast-reid's.
 
     m is symmetric (fast-reid's too, bitwise: both sums run over the same columns in the same
@@ -274,10 +283,14 @@ def _jaccard_from_weights(weights: sp.csr_matrix, num: int) -> np.ndarray:
     # Pairs contributed by each CSR entry: the rest of its column, itself included.
     pairs_per_entry = col_end[csr_cols] - position
 
-    out = np.ones((num, num), dtype=np.float32)
+    # Only the query x gallery block: pairs (i, j), i <= j, with i < num_query <= j, so the rows
+    # from num_query on contribute nothing and are not visited.
+    block = num_query is not None
+    out = np.ones((num_query, num - num_query) if block else (num, num), dtype=np.float32)
+    stop = num_query if block else num
     row = 0
-    while row < num:
-        block_end = _block_end(weights.indptr, pairs_per_entry, row, num)
+    while row < stop:
+        block_end = min(_block_end(weights.indptr, pairs_per_entry, row, num), stop)
         lo, hi = weights.indptr[row], weights.indptr[block_end]
         counts = pairs_per_entry[lo:hi]
         partner = _ragged_arange(position[lo:hi], counts)
@@ -291,8 +304,12 @@ def _jaccard_from_weights(weights: sp.csr_matrix, num: int) -> np.ndarray:
         i, j = np.divmod(hit, width)
         i += row
         j += row
-        out[i, j] = dist
-        out[j, i] = dist
+        if block:
+            keep = (j >= num_query) & (i < num_query)
+            out[i[keep], j[keep] - num_query] = dist[keep]
+        else:
+            out[i, j] = dist
+            out[j, i] = dist
         row = block_end
     return out
 
