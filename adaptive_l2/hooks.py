@@ -18,6 +18,21 @@ FACTORS_FILE = "l2_factors.jsonl"
 EVAL_HISTORY_FILE = "eval_history.jsonl"
 
 
+def keep_records_until(path: str, iteration: int) -> None:
+    """Drop the records of a JSON-lines log written after `iteration`: the epochs a crashed run
+    lived through after its last checkpoint, which its resumed run lives through again. A run
+    starting at iteration 0 keeps none."""
+    if not path or not os.path.isfile(path) or not comm.is_main_process():
+        return
+    with open(path) as handle:
+        records = [line for line in handle if line.strip()]
+    kept = [line for line in records
+            if iteration > 0 and json.loads(line).get("iteration", 0) <= iteration]
+    if len(kept) != len(records):
+        with open(path, "w") as handle:
+            handle.writelines(kept)
+
+
 class L2FactorLogger(HookBase):
     """Every `period` epochs: factor statistics to the event storage (console, metrics.json,
     tensorboard) and every factor lambda_n = A_n * f(theta_n) to OUTPUT_DIR/l2_factors.jsonl."""
@@ -29,6 +44,7 @@ class L2FactorLogger(HookBase):
         self._warned_dead = False
 
     def before_train(self):
+        keep_records_until(self.path, self.trainer.iter)
         if self.trainer.iter == 0:
             self._record(epoch=-1)
 
@@ -106,6 +122,9 @@ class EvalHistory(HookBase):
             with open(self.path, "a") as handle:
                 handle.write(json.dumps({"epoch": int(self.trainer.epoch) + 1,
                                          "iteration": int(self.trainer.iter), **metrics}) + "\n")
+
+    def before_train(self):
+        keep_records_until(self.path, self.trainer.iter)
 
     def after_epoch(self):
         self._record()

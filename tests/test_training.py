@@ -133,3 +133,14 @@ def test_amp_on_cpu_falls_back_to_fp32_with_a_warning(dataset_root, tmp_path, ca
         resolved = resolve_amp(cfg)
     assert resolved.SOLVER.AMP.ENABLED is False and cfg.SOLVER.AMP.ENABLED is True
     assert "AMP needs CUDA" in caplog.text
+
+
+def test_resumed_run_drops_log_records_of_the_lost_epochs(tmp_path):
+    from adaptive_l2.hooks import keep_records_until
+
+    path = tmp_path / "eval_history.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i, "mAP": i}) + "\n" for i in (0, 16, 32, 48)))
+    keep_records_until(str(path), 32)  # resumed from the checkpoint of iteration 32
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0, 16, 32]
+    keep_records_until(str(path), 0)  # a fresh run in the same folder
+    assert path.read_text() == ""
