@@ -105,7 +105,7 @@ def penalty_alone(args) -> None:
 
     def ours():
         penalty.penalty().backward()  # value and theta gradients (autograd)
-        penalty.add_weight_gradients()  # what the optimizer's pre-step hook adds
+        penalty.add_weight_gradients()  # what the optimizer's step adds first
     def naive():
         total = 0.0
         for amplitude, theta, weight in zip(penalty.amplitudes, thetas, weights):

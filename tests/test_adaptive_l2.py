@@ -49,7 +49,7 @@ def test_penalty_and_gradients_equal_hand_computation():
     value.backward()  # theta gradients
     for w in weights:
         w.grad = torch.zeros_like(w)
-    penalty.add_weight_gradients()  # weight gradients, as the optimizer's pre-step hook adds them
+    penalty.add_weight_gradients()  # weight gradients, as the optimizer's step adds them first
     f = [min(max(0.2 * t + 0.5, 0.0), 1.0) for t in thetas]
     expected = sum(A * fn * float((w.detach().double() ** 2).sum()) for fn, w in zip(f, weights))
     assert abs(float(value.detach()) - expected) < 1e-6 * max(1.0, expected)

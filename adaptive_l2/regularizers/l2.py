@@ -7,8 +7,8 @@ by a forward hook, so fast-reid sums and logs it with the other losses.
 
 Hot path. The penalty's value and its theta gradients come from autograd, over squared norms
 computed by one multi-tensor kernel in fp32 whatever the parameters' dtype. Its weight gradient
-dPenalty/dW_n = 2 * lambda_n * W_n is added to the gradients in one multi-tensor pass just before the
-optimizer step (an optimizer step pre-hook, after GradScaler's unscale and DDP's all-reduce; the
+dPenalty/dW_n = 2 * lambda_n * W_n is added to the gradients in one multi-tensor pass first thing in
+the step of `adaptive_l2.optim`'s optimizer (after GradScaler's unscale and DDP's all-reduce; the
 same values as autograd would give, as torch's coupled weight decay adds them): through autograd it
 would cost a new gradient-sized tensor and an extra accumulation pass over every parameter.
 """
