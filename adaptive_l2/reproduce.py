@@ -46,6 +46,7 @@ PAPER_NUMBERS = {
 }
 PAPER_ROWS = ("conventional_l2_R50", "adaptive_l2_R50", "adaptive_l2_R101", "adaptive_l2_R152",
               "adaptive_l2_R152_rerank")
+RERANK_SUFFIX = "_rerank"
 SYNTHETIC_ROWS = ("baseline", "conventional_l2", "adaptive_l2")
 SYNTHETIC_SGP_ROWS = ("sgp", "adaptive_l2_sgp", "at")
 
@@ -55,6 +56,9 @@ class Row:
     dataset: str
     name: str
     config: str
+    # a row that trains nothing: it evaluates this row's final checkpoint with its own config
+    # (the dagger row: k-reciprocal re-ranking of the R152 model, as in the paper)
+    evaluates: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -64,7 +68,8 @@ class Row:
 def suite_rows(suite: str, with_sgp: bool = False) -> List[Row]:
     if suite == "paper":
         names = PAPER_ROWS + (("sgp_R50", "adaptive_l2_sgp_R50", "at_R50") if with_sgp else ())
-        return [Row(ds, name, os.path.join(REPO, "configs", "Paper", ds, f"{name}.yml"))
+        return [Row(ds, name, os.path.join(REPO, "configs", "Paper", ds, f"{name}.yml"),
+                    evaluates=name[: -len(RERANK_SUFFIX)] if name.endswith(RERANK_SUFFIX) else None)
                 for ds in ("Market1501", "DukeMTMC", "MSMT17") for name in names]
     if suite == "synthetic":
         names = SYNTHETIC_ROWS + (SYNTHETIC_SGP_ROWS if with_sgp else ())
@@ -101,12 +106,20 @@ def _short(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
+def evaluated_checkpoint(row: Row, output_root: str) -> str:
+    base = Row(row.dataset, row.evaluates, row.config)
+    return os.path.join(output_dir(base, output_root), "model_final.pth")
+
+
 def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int,
                   launcher: str, resume: bool) -> List[str]:
     args = ["--config-file", _short(row.config)]
-    if resume:
-        args.append("--resume")
     tail = ["OUTPUT_DIR", _short(output_dir(row, output_root)), *opts]
+    if row.evaluates:
+        args.append("--eval-only")
+        tail = ["MODEL.WEIGHTS", _short(evaluated_checkpoint(row, output_root)), *tail]
+    elif resume:
+        args.append("--resume")
     if launcher == "torchrun":
         return [_short(sys.executable), "-m", "torch.distributed.run",
                 f"--nproc_per_node={num_gpus}", _short(TRAIN_NET), *args, *tail]
@@ -176,7 +189,9 @@ def dry_run(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gpus
                                 resume=status == "interrupted")
         iterations = iterations_of(row, opts)
         cost = ""
-        if measure:
+        if row.evaluates:
+            cost = f"  evaluation of {row.dataset}/{row.evaluates}'s final model (run that first)"
+        elif measure:
             cfg = load_config(row.config, ["MODEL.DEVICE", "cpu", *opts])
             key = (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.DEPTH,
                    tuple(cfg.INPUT.SIZE_TRAIN), cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.REG.AT.ENABLED)
@@ -197,6 +212,9 @@ def run_suite(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gp
         if status == "done":
             log(f"[reproduce] {row.key}: finished before, kept")
             continue
+        if row.evaluates and not os.path.isfile(evaluated_checkpoint(row, output_root)):
+            raise RuntimeError(f"row {row.key} evaluates {row.dataset}/{row.evaluates}, which has "
+                               "not finished: run that row first")
         command = train_command(row, output_root, opts, num_gpus, launcher,
                                 resume=status == "interrupted")
         log(f"[reproduce] {row.key}: {'resuming' if status == 'interrupted' else 'training'}\n"
@@ -220,6 +238,10 @@ def read_history(directory: str) -> List[dict]:
 def row_results(row: Row, output_root: str, opts: Sequence[str] = ()) -> dict:
     directory = output_dir(row, output_root)
     history = read_history(directory)
+    if row.evaluates and os.path.isfile(os.path.join(directory, RESULTS_FILE)):
+        with open(os.path.join(directory, RESULTS_FILE)) as handle:
+            evaluated = json.load(handle)
+        history = [{"epoch": -1, "mAP": evaluated["mAP"], "Rank-1": evaluated["Rank-1"]}]
     paper = PAPER_NUMBERS.get((row.dataset, row.name))
     result = {"dataset": row.dataset, "row": row.name, "status": row_status(directory),
               "paper_mAP": paper[0] if paper else None, "paper_R1": paper[1] if paper else None,
@@ -230,10 +252,12 @@ def row_results(row: Row, output_root: str, opts: Sequence[str] = ()) -> dict:
     cfg = load_config(row.config, ["MODEL.DEVICE", "cpu", *opts])
     restart = cfg.SOLVER.EPOCH_LR.RESTART_EPOCH
     final = history[-1]
+    result.update(final_mAP=final["mAP"], final_R1=final["Rank-1"])
+    if row.evaluates:  # one evaluation of the final model: no "selected on test" column
+        return result
     phase_b = [h for h in history if h["epoch"] > restart] or history
     best = max(phase_b, key=lambda h: h["mAP"])
-    result.update(final_mAP=final["mAP"], final_R1=final["Rank-1"], best_mAP=best["mAP"],
-                  best_R1=best["Rank-1"], best_epoch=best["epoch"])
+    result.update(best_mAP=best["mAP"], best_R1=best["Rank-1"], best_epoch=best["epoch"])
     return result
 
 

@@ -159,4 +159,29 @@ def test_paper_dry_run_prints_one_command_per_row():
     assert result.returncode == 0, result.stderr[-3000:]
     commands = [line for line in result.stdout.splitlines() if "tools/train_net.py" in line]
     assert len(commands) == 15
-    assert sum("R152_rerank" in c for c in commands) == 3
+    rerank = [c for c in commands if "R152_rerank" in c]
+    assert len(rerank) == 3  # the dagger rows re-rank the R152 rows' final models, no training
+    assert all("--eval-only" in c and "adaptive_l2_R152/model_final.pth" in c for c in rerank)
+
+
+def test_paper_model_trains_then_evaluates_with_reranking(dataset_root, tmp_path):
+    """The two-branch protocol end to end at toy size on the CPU, then the dagger row's
+    evaluation (--eval-only, k-reciprocal re-ranking) of its checkpoint."""
+    from conftest import read_results, run_train_net, tiny_opts
+
+    toy = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512",
+           "MODEL.BACKBONE.PRETRAIN", "False", "SOLVER.AMP.ENABLED", "False",
+           "DATASETS.NAMES", '("SyntheticReID",)', "DATASETS.TESTS", '("SyntheticReID",)',
+           "DATALOADER.SAMPLER_TRAIN", "StrictIdentitySampler", "SOLVER.SCHED", "EpochTableLR",
+           "SOLVER.WARMUP_ITERS", "0", "SOLVER.FREEZE_ITERS", "2", "SOLVER.EPOCH_LR.RESTART_EPOCH", "1",
+           "SOLVER.EPOCH_LR.WARMUP_EPOCHS", "1", "TEST.RERANK.K1", "4", "TEST.RERANK.K2", "2"]
+    out = tmp_path / "paper_toy"
+    run_train_net(["--config-file", PAPER_R50, *tiny_opts(dataset_root, out, *toy)])
+    trained = read_results(out)
+    reranked_dir = tmp_path / "rerank"
+    run_train_net(["--config-file", PAPER_R50, "--eval-only", *tiny_opts(
+        dataset_root, reranked_dir, *toy, "TEST.RERANK.ENABLED", "True",
+        "MODEL.WEIGHTS", str(out / "model_final.pth"))])
+    reranked = read_results(reranked_dir)
+    assert 0 < trained["mAP"] <= 100 and 0 < reranked["mAP"] <= 100
+    assert reranked["mAP"] != trained["mAP"]  # re-ranking changed the ranking

@@ -204,11 +204,11 @@ class TwoBranchReID(nn.Module):
         check_pretrain_config(cfg)
         options = cfg.MODEL.TWO_BRANCH
         num_classes = cfg.MODEL.HEADS.NUM_CLASSES
-        if num_classes <= 0:
+        if num_classes < 0:
             raise ValueError(
-                f"MODEL.HEADS.NUM_CLASSES must be > 0 for TwoBranchReID, got {num_classes}; "
-                "fast-reid's trainer sets it from the training set; set it when building the model "
-                "yourself."
+                f"MODEL.HEADS.NUM_CLASSES must be >= 0 for TwoBranchReID, got {num_classes}; "
+                "fast-reid's trainer sets it from the training set (0 builds a model for "
+                "evaluation only, its classifiers empty)."
             )
         if options.STRIPES < 1:
             raise ValueError(f"MODEL.TWO_BRANCH.STRIPES must be >= 1, got {options.STRIPES}")
@@ -297,6 +297,9 @@ class TwoBranchReID(nn.Module):
                 "TwoBranchReID in training mode needs a dict with 'targets' (person IDs); call "
                 "model.eval() to extract features."
             )
+        if self.heads.classifiers[0].out_features == 0:
+            raise ValueError("TwoBranchReID was built with MODEL.HEADS.NUM_CLASSES 0: it can extract "
+                             "features but not train; fast-reid's trainer sets the number")
         features = self.clipped_features(images)
         targets = batched_inputs["targets"].to(self.device)
         if bool((targets < 0).any()):
