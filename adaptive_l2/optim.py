@@ -70,7 +70,7 @@ def _freeze_patterns(cfg) -> List[re.Pattern]:
 
 
 def build_param_groups(cfg, model: nn.Module) -> List[Dict]:
-    """fast-reid's per-parameter groups, plus one group per adaptive theta.
+    """fast-reid's per-parameter groups plus the adaptive thetas, merged by hyper-parameters.
 
     A theta gets the base learning rate, no weight decay, and the freeze status of its tensor.
     """

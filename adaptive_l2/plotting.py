@@ -48,14 +48,9 @@ def plot_factors(run_dir: str, out_dir: str = "") -> List[str]:
     ax.hist([final[kinds == k] for k in present], bins=bins, stacked=True,
             color=[KIND_COLOURS[k] for k in present],
             label=[f"{k} ({int((kinds == k).sum())})" for k in present])
-    ax.set_xlabel("factor lambda_n = A * hard_sigmoid(theta_n)")
-    ax.set_ylabel("tensors")
-    ax.set_title(f"{title}, epoch {last['epoch'] + 1}")
-    ax.legend()
-    fig.tight_layout()
-    histogram = os.path.join(out_dir, "factor_histogram.png")
-    fig.savefig(histogram, dpi=110)
-    plt.close(fig)
+    histogram = _finish(fig, ax, "factor lambda_n = A * hard_sigmoid(theta_n)", "tensors",
+                        f"{title}, epoch {last['epoch'] + 1}",
+                        os.path.join(out_dir, "factor_histogram.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     epochs = np.array([r["epoch"] + 1 for r in records])
@@ -65,12 +60,20 @@ def plot_factors(run_dir: str, out_dir: str = "") -> List[str]:
                 linewidth=0.8)
     for kind in present:
         ax.plot([], [], color=KIND_COLOURS[kind], label=kind)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("factor")
-    ax.set_title(f"{title}: every tensor's factor")
+    trajectories = _finish(fig, ax, "epoch", "factor", f"{title}: every tensor's factor",
+                           os.path.join(out_dir, "factor_trajectories.png"))
+    return [histogram, trajectories]
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    """Label, save as PNG and close one figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    trajectories = os.path.join(out_dir, "factor_trajectories.png")
-    fig.savefig(trajectories, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [histogram, trajectories]
+    return path

@@ -2,7 +2,7 @@
 
 Differences from the host, each for a reason:
 - `build_optimizer`: per-tensor parameters (fast-reid's contiguous buffers never update on
-  torch 2), weight decay off under an L2 penalty, one group per adaptive theta.
+  torch 2), weight decay off under an L2 penalty, the adaptive thetas in groups of their own.
 - `build_model`: attaches the configured L2 penalty, so its thetas are model parameters.
 - DDP gets `device_ids` only on GPUs (a CPU module with device_ids is refused by torch).
 - AMP: torch.amp with a device-aware GradScaler; on a CPU it is switched off with a warning
@@ -28,7 +28,7 @@ from fastreid.utils.events import get_event_storage
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from adaptive_l2.config import check_config, regularizer_enabled
+from adaptive_l2.config import check_config
 from adaptive_l2.data.build import build_test_loader, build_train_loader
 from adaptive_l2.hooks import EvalHistory, L2FactorLogger, ResumableLayerFreeze
 from adaptive_l2.modeling.pretrained import check_pretrain_config
@@ -277,7 +277,7 @@ class Trainer(DefaultTrainer):
         evaluation = next(i for i, h in enumerate(hooks) if isinstance(h, fastreid_hooks.EvalHook))
         hooks.insert(evaluation + 1, EvalHistory(self.cfg.OUTPUT_DIR))
         penalty = find_l2_penalty(self.model)
-        if penalty is not None and regularizer_enabled(self.cfg):
+        if penalty is not None:
             # before the writers (the last hook), so the statistics are written the same epoch
             hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks),
                          L2FactorLogger(penalty, self.cfg.MODEL.REG.LOG_PERIOD, self.cfg.OUTPUT_DIR))

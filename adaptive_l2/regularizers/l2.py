@@ -43,15 +43,13 @@ class RegularizedTensor:
     kind: str  # one of KINDS
 
 
-def regularized_tensors(model: nn.Module, exclude: Sequence[nn.Parameter] = ()) -> List[
-        Tuple[RegularizedTensor, nn.Parameter]]:
+def regularized_tensors(model: nn.Module) -> List[Tuple[RegularizedTensor, nn.Parameter]]:
     """Every trainable tensor of `model` (each once, in registration order) with its kind."""
-    skip = {id(p) for p in exclude}
     seen = set()
     found = []
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen or id(param) in skip:
+            if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             is_norm = isinstance(module, _NORM_TYPES)
