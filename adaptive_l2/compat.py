@@ -315,6 +315,53 @@ def patch_metric_printer_same_iteration() -> None:
 _done = False
 
 
+def patch_triplet_loss_global_batch() -> None:
+    """fast-reid's `triplet_loss` mines over the global batch of all processes, in fp32.
+
+    - With several processes, fast-reid 1.4.0 mines each process's share only (its gather is
+      commented out): P x K = 16 x 4 becomes 4 x 4 on 4 GPUs, and 0 with one identity per
+      process. Here each process's anchors are mined against every process's embeddings
+      (`adaptive_l2.global_batch`), so k processes compute one process's loss.
+    - Under autocast the distance matrix ran in fp16 (self-distances up to 0.7, hardest
+      positives changed): it is computed in fp32.
+    - `if loss == float('Inf')` synchronised the host every step: the fallback to the margin
+      ranking loss is chosen on the device.
+    """
+    import torch.nn.functional as F
+
+    import importlib
+
+    import fastreid.modeling.losses as losses_package
+    import fastreid.modeling.meta_arch.baseline as baseline
+
+    # the package re-exports a function of the module's name: fetch the module itself
+    triplet_module = importlib.import_module("fastreid.modeling.losses.triplet_loss")
+
+    from adaptive_l2.global_batch import metric_loss_candidates
+
+    def triplet_loss(embedding, targets, margin, norm_feat, hard_mining):
+        candidates, candidate_targets = metric_loss_candidates(embedding, targets)
+        with torch.autocast(device_type=embedding.device.type, enabled=False):
+            anchors, candidates = embedding.float(), candidates.float()
+            distance = triplet_module.cosine_dist if norm_feat else triplet_module.euclidean_dist
+            dist_mat = distance(anchors, candidates)
+        is_pos = targets[:, None].eq(candidate_targets[None, :]).float()
+        is_neg = 1.0 - is_pos
+        mining = (triplet_module.hard_example_mining if hard_mining
+                  else triplet_module.weighted_example_mining)
+        dist_ap, dist_an = mining(dist_mat, is_pos, is_neg)
+        ones = torch.ones_like(dist_an)
+        if margin > 0:
+            return F.margin_ranking_loss(dist_an, dist_ap, ones, margin=margin)
+        loss = F.soft_margin_loss(dist_an - dist_ap, ones)
+        fallback = F.margin_ranking_loss(dist_an, dist_ap, ones, margin=0.3)
+        return torch.where(torch.isinf(loss), fallback, loss)
+
+    for module in (triplet_module, losses_package, baseline):
+        module.triplet_loss = triplet_loss
+    APPLIED.append("triplet_loss_global_batch_fp32")
+
+
 def apply_all() -> None:
     """Apply every patch once; the order matters (torchvision before fast-reid imports it)."""
     global _done
@@ -329,4 +376,5 @@ def apply_all() -> None:
     patch_inplace_normalization()
     patch_metric_printer_same_iteration()
     patch_jaccard_search_device()
+    patch_triplet_loss_global_batch()
     _done = True

@@ -74,6 +74,14 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.MODEL.REG.AT.WEIGHT = 1.0  # weight of the adversarial losses (1: one 2B-image batch)
     cfg.MODEL.REG.AT.SEED = 4321  # the attack's own random stream (random starts)
 
+    # Several processes (DDP): by default one experiment whatever their number (see
+    # adaptive_l2/global_batch.py): the sampler splits the global batch between processes,
+    # BatchNorm statistics and batch-hard mining run over the global batch.
+    cfg.DISTRIBUTED = CN()
+    # True: BatchNorm and metric losses use each process's share only (faster, fewer all-reduces;
+    # changes the experiment with the number of processes; a warning says so)
+    cfg.DISTRIBUTED.PER_PROCESS_STATISTICS = False
+
     from adaptive_l2.modeling.two_branch import add_two_branch_config
 
     add_two_branch_config(cfg)

@@ -29,7 +29,8 @@ from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from adaptive_l2.config import check_config
-from adaptive_l2.data.build import build_test_loader, build_train_loader
+from adaptive_l2.data.build import build_test_loader, build_train_loader, train_sampler_of
+from adaptive_l2.global_batch import convert_to_global_batch_norm, use_per_process_statistics
 from adaptive_l2.hooks import EvalHistory, L2FactorLogger, ResumableLayerFreeze
 from adaptive_l2.modeling.pretrained import check_pretrain_config
 from adaptive_l2.optim import build_optimizer
@@ -129,6 +130,26 @@ def wrap_distributed(model, cfg):
         return DistributedDataParallel(model, device_ids=[comm.get_local_rank()],
                                        broadcast_buffers=True)
     return DistributedDataParallel(model, broadcast_buffers=True)
+
+
+def use_global_batch_statistics(model, cfg):
+    """Several processes train one experiment: BatchNorm and metric losses over the global batch,
+    unless DISTRIBUTED.PER_PROCESS_STATISTICS asks otherwise (with a warning)."""
+    per_process = bool(cfg.DISTRIBUTED.PER_PROCESS_STATISTICS)
+    use_per_process_statistics(per_process)
+    world = comm.get_world_size()
+    if world <= 1:
+        return model
+    if per_process:
+        logger.warning(
+            "DISTRIBUTED.PER_PROCESS_STATISTICS is True: BatchNorm and batch-hard mining see each "
+            "of the %d processes' %d images only, not the global batch of %d: results change "
+            "with the number of processes.", world, cfg.SOLVER.IMS_PER_BATCH // world,
+            cfg.SOLVER.IMS_PER_BATCH)
+        return model
+    logger.info("BatchNorm and metric losses use the global batch of %d images over %d processes",
+                cfg.SOLVER.IMS_PER_BATCH, world)
+    return convert_to_global_batch_norm(model)
 
 
 def parameter_fingerprint(model) -> dict:
@@ -242,11 +263,25 @@ class Trainer(DefaultTrainer):
     def build_lr_scheduler(cls, cfg, optimizer, iters_per_epoch):
         return build_lr_scheduler(cfg, optimizer, iters_per_epoch)
 
+    def resume_or_load(self, resume: bool = True):
+        """fast-reid's resume, plus the data stream continued at the resumed iteration: the
+        sampler starts at that global batch and the loader's iterator (created, and possibly
+        prefetching, when the step was built) is made anew."""
+        checkpoint = super().resume_or_load(resume=resume)
+        start_batch = self.start_epoch * self.iters_per_epoch
+        sampler = train_sampler_of(self._trainer.data_loader)
+        if start_batch and hasattr(sampler, "start_at_batch"):
+            sampler.start_at_batch(start_batch)
+            self._trainer._data_loader_iter = iter(self._trainer.data_loader)
+            logger.info("Data stream continues at global batch %d", start_batch)
+        return checkpoint
+
     @classmethod
     def build_model(cls, cfg):
         check_config(cfg)
         check_pretrain_config(cfg)  # fast-reid would download ImageNet weights without a path
         model = fastreid_build_model(cfg)
+        model = use_global_batch_statistics(model, cfg)
         attach_l2_penalty(model, cfg)
         logger.info("Model %s: %d trainable tensors, %.2fM parameters", type(model).__name__,
                     sum(1 for p in model.parameters() if p.requires_grad),

@@ -98,7 +98,7 @@ def test_sampler_yields_p_by_k_batches_of_identities_with_enough_images():
     items = []
     for pid, count in enumerate([2, 3, 4, 5, 6, 8, 4, 1, 7, 4]):
         items += [(f"img_{pid}_{i}", pid, 0) for i in range(count)]
-    sampler = StrictIdentitySampler(items, mini_batch_size=12, num_instances=4, seed=0)
+    sampler = StrictIdentitySampler(items, global_batch_size=12, num_instances=4, seed=0)
     stream = iter(sampler)
     eligible = {pid for pid, count in enumerate([2, 3, 4, 5, 6, 8, 4, 1, 7, 4]) if count >= 4}
     seen = set()
@@ -113,7 +113,7 @@ def test_sampler_yields_p_by_k_batches_of_identities_with_enough_images():
         seen |= set(pids)
     assert seen == eligible
     with pytest.raises(ValueError, match="NUM_INSTANCE"):
-        StrictIdentitySampler(items, mini_batch_size=10, num_instances=4, seed=0)
+        StrictIdentitySampler(items, global_batch_size=10, num_instances=4, seed=0)
 
 
 def _tool(args, timeout=600):

@@ -6,17 +6,28 @@ missing real dataset is an error that says where its files must go.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Tuple
+import random
+from typing import Iterator, Tuple
 
-from fastreid.data.build import build_reid_test_loader, build_reid_train_loader
+import numpy as np
+import torch
+from fastreid.data.build import (_train_loader_from_config, build_reid_test_loader,
+                                 build_reid_train_loader)
 from fastreid.data.common import CommDataset
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
 from adaptive_l2.compat import batches_on
-from adaptive_l2.data.samplers import StrictIdentitySampler
+from adaptive_l2.data.samplers import PositionSeededSampler, StrictIdentitySampler
+
+logger = logging.getLogger(__name__)
+
+# Samplers of the project: global batches split between processes (see data.samplers).
+GLOBAL_BATCH_SAMPLERS = {"StrictIdentitySampler": StrictIdentitySampler}
 
 # How each supported real dataset must be laid out under DATASETS.ROOT (fast-reid's loaders).
 DATASET_LAYOUTS = {
@@ -62,6 +73,58 @@ def build_dataset(cfg, name: str, **kwargs):
         ) from error
 
 
+@contextlib.contextmanager
+def seeded_random_streams(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU random streams seeded with `seed` inside, restored after.
+
+    Augmentation (flip, crop, erasing) draws from these global streams; seeding them per sample
+    makes it independent of data-loader workers, of the number of processes and of a resume."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class SeededSampleDataset(CommDataset):
+    """fast-reid's CommDataset whose augmentation is seeded by the sample's own seed
+    (`samplers.SampleRef`), when the sampler gives one."""
+
+    def __getitem__(self, index):
+        seed = getattr(index, "seed", None)
+        if seed is None:
+            return super().__getitem__(index)
+        with seeded_random_streams(seed):
+            return super().__getitem__(int(index))
+
+
+def sampler_seed(cfg) -> int:
+    """SEED when it is set (the same on every process), else one random seed shared by all."""
+    return cfg.SEED if cfg.SEED >= 0 else int(comm.shared_random_seed())
+
+
+def build_train_sampler(cfg, train_set: CommDataset):
+    """The configured sampler, resumable (`start_at_batch`) and seeding each sample."""
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    seed = sampler_seed(cfg)
+    if name in GLOBAL_BATCH_SAMPLERS:
+        return GLOBAL_BATCH_SAMPLERS[name](train_set.img_items, cfg.SOLVER.IMS_PER_BATCH,
+                                           cfg.DATALOADER.NUM_INSTANCE, seed=seed)
+    if comm.get_world_size() > 1:
+        logger.warning(
+            "DATALOADER.SAMPLER_TRAIN %s is fast-reid's: each of the %d processes draws its own "
+            "share, so the run is not the same experiment as one process with the same global "
+            "batch. Use StrictIdentitySampler for that.", name, comm.get_world_size())
+    per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+    host_sampler = _train_loader_from_config(cfg, train_set=train_set)["sampler"]
+    return PositionSeededSampler(host_sampler, per_process, seed, comm.get_rank())
+
+
 def build_train_loader(cfg):
     items = []
     for name in cfg.DATASETS.NAMES:
@@ -69,14 +132,15 @@ def build_train_loader(cfg):
         if comm.is_main_process():
             data.show_train()
         items.extend(data.train)
-    train_set = CommDataset(items, build_transforms(cfg, is_train=True), relabel=True)
-    sampler = None
-    if cfg.DATALOADER.SAMPLER_TRAIN == "StrictIdentitySampler":
-        sampler = StrictIdentitySampler(train_set.img_items,
-                                        cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
-                                        cfg.DATALOADER.NUM_INSTANCE)
+    train_set = SeededSampleDataset(items, build_transforms(cfg, is_train=True), relabel=True)
+    sampler = build_train_sampler(cfg, train_set)
     with batches_on(cfg.MODEL.DEVICE):
         return build_reid_train_loader(cfg, train_set=train_set, sampler=sampler)
+
+
+def train_sampler_of(data_loader):
+    """The sampler behind a loader built by `build_train_loader` (for `start_at_batch`)."""
+    return data_loader.batch_sampler.sampler
 
 
 def build_test_loader(cfg, dataset_name: str) -> Tuple[object, int]:

@@ -1,47 +1,144 @@
-"""Identity sampling of the paper: P identities x K images, never an identity with fewer than K.
+"""Training samplers that make one experiment of every run: one process or k, resumed or not.
 
-fast-reid's NaiveIdentitySampler pads identities with fewer than K images by sampling with
-replacement; the paper's Keras code never samples them at all.
+A sampler here draws GLOBAL batches (SOLVER.IMS_PER_BATCH images) from one seeded stream, the
+same whatever the number of processes; process r of k takes the r-th of k equal slices of each
+global batch, so k processes together see exactly the images one process would see at that
+iteration, and batch-hard mining / BatchNorm can run over the global batch (see
+`adaptive_l2.global_batch`). Each sample carries a seed derived from (sampler seed, batch
+number, position in the global batch): the data pipeline seeds its random augmentation with it
+(`SeededSampleDataset`), so augmentation depends neither on the number of processes nor on
+data-loader workers nor on a resume. A resumed run starts the stream at the batch it stopped at
+(`start_at_batch`).
+
+`StrictIdentitySampler`: P identities x K images per batch, identities chosen uniformly among
+those with >= K images, images drawn afresh per batch (no repeat inside a batch). fast-reid's
+NaiveIdentitySampler pads identities with fewer than K images with repeats; the paper's Keras
+code never samples them.
 """
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 from fastreid.utils import comm
 
 
-class StrictIdentitySampler:
-    """Infinite stream of indices, batch by batch: P identities (each with >= K images), K images
-    each, all without replacement inside a batch. Every process draws its own batches from one
-    shared seed (rank r takes batch r, r + world, ...)."""
+class SampleRef(int):
+    """A dataset index that also carries the seed of its random augmentation.
 
-    def __init__(self, data_source: Sequence, mini_batch_size: int, num_instances: int,
-                 seed: int | None = None):
-        if mini_batch_size % num_instances:
-            raise ValueError(f"SOLVER.IMS_PER_BATCH per process ({mini_batch_size}) must be a "
-                             f"multiple of DATALOADER.NUM_INSTANCE ({num_instances})")
-        self.num_instances = num_instances
-        self.num_identities_per_batch = mini_batch_size // num_instances
-        by_identity = defaultdict(list)
-        for index, item in enumerate(data_source):
-            by_identity[item[1]].append(index)
-        self.pools: List[List[int]] = [idx for _, idx in sorted(by_identity.items())
-                                       if len(idx) >= num_instances]
-        if len(self.pools) < self.num_identities_per_batch:
-            raise ValueError(
-                f"only {len(self.pools)} identities have >= {num_instances} images; a batch needs "
-                f"{self.num_identities_per_batch} (lower SOLVER.IMS_PER_BATCH)")
+    An `int`, so code that indexes with it (fast-reid's datasets, tests) is unchanged; the
+    seed survives pickling into data-loader workers."""
+
+    seed: Optional[int]
+
+    def __new__(cls, index: int, seed: Optional[int] = None):
+        ref = super().__new__(cls, index)
+        ref.seed = seed
+        return ref
+
+    def __reduce__(self):
+        return (SampleRef, (int(self), self.seed))
+
+
+def sample_seed(sampler_seed: int, batch_number: int, position: int) -> int:
+    """A well-mixed 32-bit seed (numpy's limit) for one sample of one global batch."""
+    state = np.random.SeedSequence([sampler_seed & 0xFFFFFFFF, batch_number, position])
+    return int(state.generate_state(1, dtype=np.uint32)[0])
+
+
+def process_slice(global_batch_size: int, num_instances: int, rank: int,
+                  world_size: int) -> slice:
+    """The part of every global batch that process `rank` trains on: whole identities each."""
+    if global_batch_size % world_size:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({global_batch_size}) cannot be split evenly between "
+            f"{world_size} processes")
+    per_process = global_batch_size // world_size
+    if num_instances and per_process % num_instances:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({global_batch_size}) split between {world_size} processes "
+            f"gives {per_process} images per process, not a whole number of identities of "
+            f"DATALOADER.NUM_INSTANCE ({num_instances}) images: choose IMS_PER_BATCH a multiple "
+            f"of NUM_INSTANCE x {world_size}")
+    return slice(rank * per_process, (rank + 1) * per_process)
+
+
+class GlobalBatchSampler:
+    """Base of the project's samplers: a seeded stream of global batches, split by process.
+
+    Subclasses implement `batches()`, an infinite deterministic generator of global batches
+    (lists of `global_batch_size` dataset indices)."""
+
+    def __init__(self, global_batch_size: int, num_instances: int, seed: Optional[int] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        self.global_batch_size = int(global_batch_size)
+        self.num_instances = int(num_instances)
         self.seed = int(comm.shared_random_seed() if seed is None else seed)
-        self.rank = comm.get_rank()
-        self.world_size = comm.get_world_size()
+        self.rank = comm.get_rank() if rank is None else rank
+        self.world_size = comm.get_world_size() if world_size is None else world_size
+        self.slice = process_slice(self.global_batch_size, self.num_instances, self.rank,
+                                   self.world_size)
+        self.start_batch = 0
+
+    def batches(self) -> Iterator[List[int]]:
+        raise NotImplementedError
+
+    def start_at_batch(self, batch_number: int) -> None:
+        """Continue the stream at global batch `batch_number` (a resumed run's iteration)."""
+        self.start_batch = int(batch_number)
+
+    def __iter__(self) -> Iterator[SampleRef]:
+        stream = itertools.islice(self.batches(), self.start_batch, None)
+        for number, batch in enumerate(stream, start=self.start_batch):
+            for position in range(self.slice.start, self.slice.stop):
+                yield SampleRef(batch[position], sample_seed(self.seed, number, position))
+
+
+def identity_pools(data_source: Sequence, num_instances: int) -> List[List[int]]:
+    """Dataset indices per identity (sorted by identity), identities with >= K images only."""
+    by_identity = defaultdict(list)
+    for index, item in enumerate(data_source):
+        by_identity[item[1]].append(index)
+    return [indices for _, indices in sorted(by_identity.items()) if len(indices) >= num_instances]
+
+
+def check_identity_batch(pools: List[List[int]], global_batch_size: int, num_instances: int,
+                         total_identities: int) -> int:
+    """P = IMS_PER_BATCH / NUM_INSTANCE identities per batch, or an error naming both keys."""
+    if num_instances <= 0 or global_batch_size % num_instances:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({global_batch_size}) must be a multiple of "
+            f"DATALOADER.NUM_INSTANCE ({num_instances})")
+    identities_per_batch = global_batch_size // num_instances
+    if len(pools) < identities_per_batch:
+        raise ValueError(
+            f"a batch of SOLVER.IMS_PER_BATCH {global_batch_size} = {identities_per_batch} "
+            f"identities x DATALOADER.NUM_INSTANCE {num_instances} images needs "
+            f"{identities_per_batch} identities with >= {num_instances} images; the training "
+            f"set has {len(pools)} such identities (of {total_identities}): lower "
+            "SOLVER.IMS_PER_BATCH or NUM_INSTANCE")
+    return identities_per_batch
+
+
+class StrictIdentitySampler(GlobalBatchSampler):
+    """P identities (each with >= K images) x K images each, uniformly, without replacement
+    inside a batch."""
+
+    def __init__(self, data_source: Sequence, global_batch_size: int, num_instances: int,
+                 seed: Optional[int] = None, rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
+        self.pools = identity_pools(data_source, num_instances)
+        self.identities_per_batch = check_identity_batch(
+            self.pools, global_batch_size, num_instances,
+            len({item[1] for item in data_source}))
+        super().__init__(global_batch_size, num_instances, seed, rank, world_size)
 
     def batches(self) -> Iterator[List[int]]:
         rng = np.random.default_rng(self.seed)
         while True:
-            chosen = rng.choice(len(self.pools), self.num_identities_per_batch, replace=False)
+            chosen = rng.choice(len(self.pools), self.identities_per_batch, replace=False)
             batch = []
             for identity in chosen:
                 pool = self.pools[identity]
@@ -49,7 +146,26 @@ class StrictIdentitySampler:
                                                               replace=False))
             yield batch
 
-    def __iter__(self) -> Iterator[int]:
-        mine = itertools.islice(self.batches(), self.rank, None, self.world_size)
-        for batch in mine:
-            yield from batch
+
+class PositionSeededSampler:
+    """fast-reid's own samplers (which stream per process), made resumable and seeded per sample.
+
+    Skips the samples a resumed run has already trained on, and gives each sample a seed from
+    (sampler seed, rank, position in this process's stream). It does not make k processes the
+    same experiment as one: only the project's samplers do."""
+
+    def __init__(self, sampler, per_process_batch: int, seed: int, rank: int):
+        self.sampler = sampler
+        self.per_process_batch = per_process_batch
+        self.seed = int(seed)
+        self.rank = rank
+        self.start_batch = 0
+
+    def start_at_batch(self, batch_number: int) -> None:
+        self.start_batch = int(batch_number)
+
+    def __iter__(self) -> Iterator[SampleRef]:
+        skip = self.start_batch * self.per_process_batch
+        for position, index in enumerate(itertools.islice(iter(self.sampler), skip, None),
+                                         start=skip):
+            yield SampleRef(index, sample_seed(self.seed, self.rank, position))

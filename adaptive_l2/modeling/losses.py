@@ -9,15 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from adaptive_l2.global_batch import metric_loss_candidates
+
 # Squared distances are clamped to this before the square root: d/dx sqrt(x) is infinite at 0,
 # and every anchor has distance 0 to itself.
 _MIN_SQUARED_DISTANCE = 1e-12
 
 
-def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance matrix of the rows of ``features`` with a finite gradient at 0."""
-    squared_norms = features.pow(2).sum(dim=1)
-    squared = squared_norms[:, None] + squared_norms[None, :] - 2.0 * features @ features.t()
+def pairwise_euclidean(features: torch.Tensor, others: torch.Tensor = None) -> torch.Tensor:
+    """Euclidean distances between the rows of ``features`` and of ``others`` (default: the
+    same rows), with a finite gradient at 0."""
+    others = features if others is None else others
+    squared = (features.pow(2).sum(dim=1)[:, None] + others.pow(2).sum(dim=1)[None, :]
+               - 2.0 * features @ others.t())
     return squared.clamp(min=_MIN_SQUARED_DISTANCE).sqrt()
 
 
@@ -40,8 +44,10 @@ def soft_margin_batch_hard_triplet(features: torch.Tensor, targets: torch.Tensor
             f"soft_margin_batch_hard_triplet expects one target per feature row: features "
             f"{tuple(features.shape)}, targets {tuple(targets.shape)}"
         )
-    distances = pairwise_euclidean(features)
-    same_identity = targets[:, None] == targets[None, :]
+    # anchors: this process's rows; candidates: the global batch (see adaptive_l2.global_batch)
+    candidates, candidate_targets = metric_loss_candidates(features, targets)
+    distances = pairwise_euclidean(features, candidates)
+    same_identity = targets[:, None] == candidate_targets[None, :]
     hardest_positive = distances.masked_fill(~same_identity, float("-inf")).amax(dim=1)
     hardest_negative = distances.masked_fill(same_identity, float("inf")).amin(dim=1)
     return F.softplus(hardest_positive - hardest_negative).mean()
