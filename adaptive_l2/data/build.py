@@ -16,7 +16,7 @@ from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
 from adaptive_l2.compat import batches_on
-from adaptive_l2.data.samplers import StrictIdentitySampler
+from adaptive_l2.data.samplers import ChunkedIdentitySampler, StrictIdentitySampler
 
 # How each supported real dataset must be laid out under DATASETS.ROOT (fast-reid's loaders).
 DATASET_LAYOUTS = {
@@ -75,6 +75,10 @@ def build_train_loader(cfg):
         sampler = StrictIdentitySampler(train_set.img_items,
                                         cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
                                         cfg.DATALOADER.NUM_INSTANCE)
+    elif cfg.DATALOADER.SAMPLER_TRAIN == "ChunkedIdentitySampler":
+        # global batches of SOLVER.IMS_PER_BATCH, the original Keras code's round-based draw
+        sampler = ChunkedIdentitySampler(train_set.img_items, cfg.SOLVER.IMS_PER_BATCH,
+                                         cfg.DATALOADER.NUM_INSTANCE)
     with batches_on(cfg.MODEL.DEVICE):
         return build_reid_train_loader(cfg, train_set=train_set, sampler=sampler)
 
