@@ -12,11 +12,11 @@ from typing import Tuple
 from fastreid.data.build import build_reid_test_loader, build_reid_train_loader
 from fastreid.data.common import CommDataset
 from fastreid.data.datasets import DATASET_REGISTRY
-from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
 from adaptive_l2.compat import batches_on
 from adaptive_l2.data.samplers import ChunkedIdentitySampler, StrictIdentitySampler
+from adaptive_l2.data.transforms import build_transforms
 
 # How each supported real dataset must be laid out under DATASETS.ROOT (fast-reid's loaders).
 DATASET_LAYOUTS = {
