@@ -1,19 +1,24 @@
 """The original Keras code's data pipeline for the paper rows: the round-based P x K sampler,
 its random erasing and its OpenCV bilinear resize, each checked against a statistic or a hand
 computation written from the protocol (not from the implementation)."""
+import glob
+import os
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from conftest import SYNTHETIC_BASE, read_losses, run_train_net, tiny_cfg, tiny_opts
+from conftest import REPO, SYNTHETIC_BASE, read_losses, run_train_net, tiny_cfg, tiny_opts
+from fastreid.data.transforms import build_transforms as fastreid_transforms
 from PIL import Image
 from scipy.stats import ks_2samp
 
+from adaptive_l2.cli import load_config
 from adaptive_l2.data.samplers import ChunkedIdentitySampler
 from adaptive_l2.data.transforms import (CV2BilinearResize, KerasRandomErasing, build_transforms,
                                          resize_bilinear_half_pixel)
+from adaptive_l2.trainer import Trainer
 
 PAPER_DATA = ["DATALOADER.SAMPLER_TRAIN", "ChunkedIdentitySampler", "INPUT.REA.ENABLED", "True",
               "INPUT.REA.IMPL", "keras", "INPUT.RESIZE_IMPL", "cv2_bilinear"]
@@ -140,7 +145,8 @@ def test_cv2_bilinear_resize_matches_half_pixel_bilinear_by_hand_and_not_pil_bic
 
 
 def erased_boxes(erasing, height, width, count):
-    """(height, width) of the erased rectangle of `count` erasings of a black image; None if none."""
+    """(top, left, height, width) of the rectangle each of `count` erasings of a black image
+    filled; None where it erased nothing."""
     boxes = []
     for _ in range(count):
         changed = erasing(torch.zeros(3, height, width)).abs().sum(0) > 0
@@ -150,7 +156,7 @@ def erased_boxes(erasing, height, width, count):
             continue
         box_h, box_w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
         assert int(changed.sum()) == box_h * box_w  # one solid rectangle
-        boxes.append((box_h, box_w))
+        boxes.append((int(rows[0]), int(cols[0]), box_h, box_w))
     return boxes
 
 
@@ -182,14 +188,17 @@ def test_keras_erasing_area_and_aspect_follow_the_protocol_not_torchvisions():
     height, width, count = 96, 64, 1500
     ours = erased_boxes(KerasRandomErasing(prob=1.0), height, width, count)
     assert None not in ours
-    ours_area = np.array([h * w for h, w in ours]) / (height * width)
-    ours_aspect = np.array([h / w for h, w in ours])
+    ours_area = np.array([h * w for _, _, h, w in ours]) / (height * width)
+    ours_aspect = np.array([h / w for _, _, h, w in ours])
     ref_h, ref_w = protocol_boxes(np.random.default_rng(0), height, width, 20000)
     assert ks_2samp(ours_area, ref_h * ref_w / (height * width)).pvalue > 1e-3
     assert ks_2samp(ours_aspect, ref_h / ref_w).pvalue > 1e-3
     assert ours_area.max() > 0.36  # torchvision's stops at 0.33
+    # numpy's randint(0, H - h) in the original: a box never reaches the last row or column
+    assert max(top + h for top, _, h, _ in ours) == height - 1
+    assert max(left + w for _, left, _, w in ours) == width - 1
     torchvision_boxes = erased_boxes(T.RandomErasing(p=1.0, value=1.0), height, width, count)
-    theirs_aspect = np.array([h / w for h, w in torchvision_boxes if h])
+    theirs_aspect = np.array([h / w for _, _, h, w in torchvision_boxes if h])
     assert ks_2samp(theirs_aspect, ref_h / ref_w).pvalue < 1e-6  # log-uniform aspect differs
 
 
@@ -206,13 +215,11 @@ def test_keras_erasing_makes_up_to_one_hundred_attempts():
     erased = np.mean([box is not None for box in boxes])
     assert erased == pytest.approx(1 - (1 - q) ** 100, abs=0.05)
     assert abs(erased - (1 - (1 - q) ** 10)) > 0.3
-    assert all(box[1] == 1 for box in boxes if box)
+    assert all(box[3] == 1 for box in boxes if box)
 
 
 def test_transform_keys_swap_only_the_selected_steps(dataset_root, tmp_path):
     default = tiny_cfg(dataset_root, tmp_path, "INPUT.REA.ENABLED", "True")
-    from fastreid.data.transforms import build_transforms as fastreid_transforms
-
     for is_train in (True, False):
         assert repr(build_transforms(default, is_train)) == repr(fastreid_transforms(default, is_train))
     paper = tiny_cfg(dataset_root, tmp_path, *PAPER_DATA)
@@ -229,8 +236,6 @@ def test_transform_keys_swap_only_the_selected_steps(dataset_root, tmp_path):
 
 
 def test_tiny_run_with_the_paper_data_pipeline_trains(dataset_root, tmp_path):
-    from adaptive_l2.trainer import Trainer
-
     cfg = tiny_cfg(dataset_root, tmp_path, *PAPER_DATA)
     loader = Trainer.build_train_loader(cfg)
     assert isinstance(loader.batch_sampler.sampler, ChunkedIdentitySampler)
@@ -243,3 +248,18 @@ def test_tiny_run_with_the_paper_data_pipeline_trains(dataset_root, tmp_path):
         dataset_root, out, *PAPER_DATA, "SOLVER.MAX_EPOCH", "3", "TEST.EVAL_PERIOD", "3")])
     losses = read_losses(out)
     assert len(losses) == 6 and losses[-1][1] < losses[0][1]
+
+
+def test_paper_configs_use_the_original_data_pipeline_and_synthetic_ones_fastreids():
+    paper = glob.glob(os.path.join(REPO, "configs", "Paper", "*", "*.yml"))
+    synthetic = glob.glob(os.path.join(REPO, "configs", "Synthetic", "*.yml"))
+    assert len(paper) >= 15 and synthetic
+    for path in paper + synthetic:
+        cfg = load_config(path, ["MODEL.DEVICE", "cpu"])
+        chosen = (cfg.DATALOADER.SAMPLER_TRAIN, cfg.INPUT.REA.IMPL, cfg.INPUT.RESIZE_IMPL)
+        if path in paper:
+            assert chosen == ("ChunkedIdentitySampler", "keras", "cv2_bilinear"), path
+            steps = [type(step) for step in build_transforms(cfg, True).transforms]
+            assert steps[0] is CV2BilinearResize and steps[-1] is KerasRandomErasing, path
+        else:
+            assert chosen[1:] == ("fastreid", "pil_bicubic"), path
