@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+from fastreid.config import CfgNode
 from fastreid.data.transforms import build_transforms as build_fastreid_transforms
 from PIL import Image
 
@@ -109,7 +110,7 @@ class KerasRandomErasing:
                 f"min_aspect={self.min_aspect}, max_attempts={self.max_attempts}, fill={self.fill})")
 
 
-def check_transform_keys(cfg) -> None:
+def check_transform_keys(cfg: CfgNode) -> None:
     """Refuse an unknown INPUT.RESIZE_IMPL or INPUT.REA.IMPL before anything is built."""
     if cfg.INPUT.RESIZE_IMPL not in RESIZE_IMPLS:
         raise ValueError(f"INPUT.RESIZE_IMPL must be one of {RESIZE_IMPLS}, got "
@@ -118,7 +119,7 @@ def check_transform_keys(cfg) -> None:
         raise ValueError(f"INPUT.REA.IMPL must be one of {ERASING_IMPLS}, got '{cfg.INPUT.REA.IMPL}'")
 
 
-def build_transforms(cfg, is_train: bool = True) -> T.Compose:
+def build_transforms(cfg: CfgNode, is_train: bool = True) -> T.Compose:
     """fast-reid's train or test transforms, with the resize and the random erasing swapped for
     the original Keras code's when INPUT.RESIZE_IMPL / INPUT.REA.IMPL select them."""
     check_transform_keys(cfg)
