@@ -85,6 +85,10 @@ def add_reg_config(cfg: CN) -> CN:
     from adaptive_l2.modeling.two_branch import add_two_branch_config
 
     add_two_branch_config(cfg)
+
+    # Data pipeline of the original Keras code (the paper rows); the defaults keep fast-reid's.
+    cfg.INPUT.RESIZE_IMPL = "pil_bicubic"  # "pil_bicubic" (fast-reid) or "cv2_bilinear" (original)
+    cfg.INPUT.REA.IMPL = "fastreid"  # random erasing: "fastreid" (torchvision) or "keras" (original)
     return cfg
 
 

@@ -172,7 +172,7 @@ def test_paper_model_trains_then_evaluates_with_reranking(dataset_root, tmp_path
     toy = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512",
            "MODEL.BACKBONE.PRETRAIN", "False", "SOLVER.AMP.ENABLED", "False",
            "DATASETS.NAMES", '("SyntheticReID",)', "DATASETS.TESTS", '("SyntheticReID",)',
-           "DATALOADER.SAMPLER_TRAIN", "StrictIdentitySampler", "SOLVER.SCHED", "EpochTableLR",
+           "SOLVER.SCHED", "EpochTableLR",
            "SOLVER.WARMUP_ITERS", "0", "SOLVER.FREEZE_ITERS", "2", "SOLVER.EPOCH_LR.RESTART_EPOCH", "1",
            "SOLVER.EPOCH_LR.WARMUP_EPOCHS", "1", "TEST.RERANK.K1", "4", "TEST.RERANK.K2", "2"]
     out = tmp_path / "paper_toy"

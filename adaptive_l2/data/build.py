@@ -18,16 +18,18 @@ from fastreid.data.build import (_train_loader_from_config, build_reid_test_load
                                  build_reid_train_loader)
 from fastreid.data.common import CommDataset
 from fastreid.data.datasets import DATASET_REGISTRY
-from fastreid.data.transforms import build_transforms
 from fastreid.utils import comm
 
 from adaptive_l2.compat import batches_on
-from adaptive_l2.data.samplers import PositionSeededSampler, StrictIdentitySampler
+from adaptive_l2.data.samplers import (ChunkedIdentitySampler, PositionSeededSampler,
+                                       StrictIdentitySampler)
+from adaptive_l2.data.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
 
 # Samplers of the project: global batches split between processes (see data.samplers).
-GLOBAL_BATCH_SAMPLERS = {"StrictIdentitySampler": StrictIdentitySampler}
+GLOBAL_BATCH_SAMPLERS = {"StrictIdentitySampler": StrictIdentitySampler,
+                         "ChunkedIdentitySampler": ChunkedIdentitySampler}
 
 # How each supported real dataset must be laid out under DATASETS.ROOT (fast-reid's loaders).
 DATASET_LAYOUTS = {

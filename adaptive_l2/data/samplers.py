@@ -10,6 +10,7 @@ number, position in the global batch): the data pipeline seeds its random augmen
 data-loader workers nor on a resume. A resumed run starts the stream at the batch it stopped at
 (`start_at_batch`).
 
+`ChunkedIdentitySampler`: the original Keras code's P x K rounds (the paper rows' default).
 `StrictIdentitySampler`: P identities x K images per batch, identities chosen uniformly among
 those with >= K images, images drawn afresh per batch (no repeat inside a batch). fast-reid's
 NaiveIdentitySampler pads identities with fewer than K images with repeats; the paper's Keras
@@ -114,11 +115,9 @@ def check_identity_batch(pools: List[List[int]], global_batch_size: int, num_ins
     identities_per_batch = global_batch_size // num_instances
     if len(pools) < identities_per_batch:
         raise ValueError(
-            f"a batch of SOLVER.IMS_PER_BATCH {global_batch_size} = {identities_per_batch} "
-            f"identities x DATALOADER.NUM_INSTANCE {num_instances} images needs "
-            f"{identities_per_batch} identities with >= {num_instances} images; the training "
-            f"set has {len(pools)} such identities (of {total_identities}): lower "
-            "SOLVER.IMS_PER_BATCH or NUM_INSTANCE")
+            f"only {len(pools)} of {total_identities} identities have >= DATALOADER.NUM_INSTANCE "
+            f"({num_instances}) images; SOLVER.IMS_PER_BATCH ({global_batch_size}) needs "
+            f"{identities_per_batch} per batch: lower SOLVER.IMS_PER_BATCH or NUM_INSTANCE")
     return identities_per_batch
 
 
@@ -145,6 +144,55 @@ class StrictIdentitySampler(GlobalBatchSampler):
                 batch.extend(int(pool[i]) for i in rng.choice(len(pool), self.num_instances,
                                                               replace=False))
             yield batch
+
+
+class ChunkedIdentitySampler(GlobalBatchSampler):
+    """The original Keras code's P x K sampler, round by round.
+
+    Each round every identity with at least K images has its images shuffled and cut into
+    disjoint chunks of K (the remainder is dropped); each batch takes P identities uniformly among
+    those with chunks left and pops one chunk from each; the round ends when fewer than P
+    identities have chunks. Identities are thus drawn in proportion to their number of chunks, no
+    image repeats within a round, and identities with fewer than K images are never drawn.
+    """
+
+    def __init__(self, data_source: Sequence, global_batch_size: int, num_instances: int,
+                 seed: Optional[int] = None, rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
+        self.pools = [np.asarray(pool) for pool in identity_pools(data_source, num_instances)]
+        self.identities_per_batch = check_identity_batch(
+            self.pools, global_batch_size, num_instances,
+            len({item[1] for item in data_source}))
+        super().__init__(global_batch_size, num_instances, seed, rank, world_size)
+
+    def _round_chunks(self, rng: np.random.Generator) -> List[List[np.ndarray]]:
+        """Every eligible identity's images shuffled and cut into chunks of K (remainder dropped)."""
+        chunks = []
+        for pool in self.pools:
+            shuffled = rng.permutation(pool)
+            num_chunks = len(shuffled) // self.num_instances
+            chunks.append(np.split(shuffled[:num_chunks * self.num_instances], num_chunks))
+        return chunks
+
+    def rounds(self) -> Iterator[List[List[int]]]:
+        """One list of global batches per round, forever, all drawn from one seeded generator."""
+        rng = np.random.default_rng(self.seed)
+        while True:
+            chunks = self._round_chunks(rng)
+            active = list(range(len(chunks)))  # identities with chunks left
+            batches = []
+            while len(active) >= self.identities_per_batch:
+                picks = rng.choice(len(active), self.identities_per_batch, replace=False)
+                batch = []
+                for identity in [active[i] for i in picks]:
+                    batch.extend(int(i) for i in chunks[identity].pop())
+                active = [identity for identity in active if chunks[identity]]
+                batches.append(batch)
+            yield batches
+
+    def batches(self) -> Iterator[List[int]]:
+        for batches in self.rounds():
+            yield from batches
 
 
 class PositionSeededSampler:
