@@ -161,7 +161,7 @@ def test_build_optimizer_wraps_keras_adam_with_clipping_freeze_and_penalty():
     with_gradient = [(old, p) for old, p in zip(before, params) if p.grad.abs().sum() > 0]
     assert len(with_gradient) > len(params) * 0.8
     assert all(not torch.equal(old, p) for old, p in with_gradient)
-    assert sum(float(t) < 0 for t in thetas) > len(thetas) // 2
+    assert sum(t.item() < 0 for t in thetas) > len(thetas) // 2
     assert optimizer.global_step == 1
 
 
