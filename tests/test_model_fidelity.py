@@ -299,3 +299,18 @@ def test_rgb_default_normalizes_with_mean_and_std():
 def test_unknown_pixel_format_is_refused_by_name():
     with pytest.raises(ValueError, match="MODEL.PIXEL_FORMAT"):
         Trainer.build_model(synthetic_cfg("MODEL.PIXEL_FORMAT", "bgr"))
+
+
+# --- end to end: the global step in a real run and its resume ------------------------------------
+
+def test_training_run_saves_and_resumes_the_global_step(dataset_root, tmp_path):
+    from conftest import run_train_net, tiny_opts
+
+    keras_adam = ["SOLVER.OPT", "Adam", "SOLVER.ADAM_GLOBAL_STEP", "True", "TEST.EVAL_PERIOD", "10"]
+    run_train_net(["--config-file", SYNTHETIC_BASE, *tiny_opts(dataset_root, tmp_path, *keras_adam)])
+    first = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert first["optimizer"]["global_step"] == 4  # 2 epochs x 2 iterations
+    run_train_net(["--config-file", SYNTHETIC_BASE, "--resume",
+                   *tiny_opts(dataset_root, tmp_path, *keras_adam, "SOLVER.MAX_EPOCH", "3")])
+    resumed = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert resumed["optimizer"]["global_step"] == 6  # continued, not restarted at 0
