@@ -5,7 +5,8 @@ Over the parameters of fast-reid's ResNet-50 (159 tensors, 23.5 M values) with r
 torch's Adam as the project builds it (default implementation: a per-tensor loop on CPU, foreach
 on CUDA), torch's Adam with foreach=True, and KerasAdam (foreach). Runs interleaved, per-step time
 of the process (CPU time on a CPU, so other processes on a shared machine count less; wall time
-with synchronisation on CUDA), median of the rounds. Exits 0: a benchmark reports, it does not judge.
+with synchronisation on CUDA), median of the rounds. Exits 0: a benchmark reports, it does not
+judge.
 """
 from __future__ import annotations
 

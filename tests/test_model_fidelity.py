@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
-from fastreid.modeling.backbones.resnet import Bottleneck
+from conftest import REPO, SYNTHETIC_BASE, run_train_net, tiny_opts
 from fastreid.utils.events import EventStorage
 
 from adaptive_l2.cli import load_config
@@ -21,7 +20,6 @@ from adaptive_l2.trainer import Trainer
 LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.999, 1e-7
 PHASE_A_STEPS = 4000
 PAPER_R50 = os.path.join(REPO, "configs", "Paper", "Market1501", "adaptive_l2_R50.yml")
-SYNTHETIC_BASE = os.path.join(REPO, "configs", "Synthetic", "Base-Synthetic.yml")
 CAFFE_MEAN = [103.939, 116.779, 123.68]  # ImageNet mean in BGR order (Keras's caffe mode)
 TINY_TWO_BRANCH = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False",
                    "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.TWO_BRANCH.REGIONAL_DIM", "16"]
@@ -258,7 +256,6 @@ def test_stride_in_1x1_refuses_a_backbone_without_bottlenecks():
     assert cfg.MODEL.BACKBONE.DEPTH == "18x"
     with pytest.raises(ValueError, match="STRIDE_IN_1X1"):
         Trainer.build_model(cfg)
-    assert Bottleneck  # the option acts on fast-reid's ResNet bottlenecks only
 
 
 # --- pixel preprocessing -------------------------------------------------------------------------
@@ -304,10 +301,9 @@ def test_unknown_pixel_format_is_refused_by_name():
 # --- end to end: the global step in a real run and its resume ------------------------------------
 
 def test_training_run_saves_and_resumes_the_global_step(dataset_root, tmp_path):
-    from conftest import run_train_net, tiny_opts
-
     keras_adam = ["SOLVER.OPT", "Adam", "SOLVER.ADAM_GLOBAL_STEP", "True", "TEST.EVAL_PERIOD", "10"]
-    run_train_net(["--config-file", SYNTHETIC_BASE, *tiny_opts(dataset_root, tmp_path, *keras_adam)])
+    run_train_net(["--config-file", SYNTHETIC_BASE,
+                   *tiny_opts(dataset_root, tmp_path, *keras_adam)])
     first = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
     assert first["optimizer"]["global_step"] == 4  # 2 epochs x 2 iterations
     run_train_net(["--config-file", SYNTHETIC_BASE, "--resume",
