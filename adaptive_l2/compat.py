@@ -272,18 +272,19 @@ def patch_inplace_normalization() -> None:
     evaluator's flip test (TEST.FLIP.ENABLED) then flips the already normalized images and the
     model normalizes them a second time, so flip-averaged features are wrong; an adversarial attack
     or a second forward pass over the same batch meets the same trap.
+
+    The replacement also honours MODEL.PIXEL_FORMAT "BGR" (the model's `pixel_format`, set by
+    `adaptive_l2.modeling.backbone_options.apply_backbone_options`): caffe-style weights expect
+    BGR channels.
     """
     from fastreid.modeling.meta_arch.baseline import Baseline
     from fastreid.modeling.meta_arch.mgn import MGN
 
+    from adaptive_l2.modeling.backbone_options import normalize_pixels
+
     def preprocess_image(self, batched_inputs):
-        if isinstance(batched_inputs, dict):
-            images = batched_inputs["images"]
-        elif isinstance(batched_inputs, torch.Tensor):
-            images = batched_inputs
-        else:
-            raise TypeError(f"batched_inputs must be a dict or a tensor, got {type(batched_inputs)}")
-        return (images.to(self.device) - self.pixel_mean) / self.pixel_std
+        return normalize_pixels(batched_inputs, self.pixel_mean, self.pixel_std,
+                                getattr(self, "pixel_format", "RGB"))
 
     Baseline.preprocess_image = preprocess_image
     MGN.preprocess_image = preprocess_image

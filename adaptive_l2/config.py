@@ -89,6 +89,13 @@ def add_reg_config(cfg: CN) -> CN:
     # Data pipeline of the original Keras code (the paper rows); the defaults keep fast-reid's.
     cfg.INPUT.RESIZE_IMPL = "pil_bicubic"  # "pil_bicubic" (fast-reid) or "cv2_bilinear" (original)
     cfg.INPUT.REA.IMPL = "fastreid"  # random erasing: "fastreid" (torchvision) or "keras" (original)
+
+    # Fidelity to the original Keras code: optimizer, backbone and pixel preprocessing.
+    cfg.SOLVER.ADAM_GLOBAL_STEP = False  # True: Adam's bias correction uses one global step count
+    cfg.MODEL.BACKBONE.NORM_MOMENTUM = -1.0  # torch momentum of the backbone's BN; < 0: the host's
+    cfg.MODEL.BACKBONE.NORM_EPS = -1.0  # epsilon of the backbone's BN; < 0: the host's (1e-5)
+    cfg.MODEL.BACKBONE.STRIDE_IN_1X1 = False  # True: bottleneck stride on the 1x1 conv (ResNet v1)
+    cfg.MODEL.PIXEL_FORMAT = "RGB"  # "BGR": channels flipped before PIXEL_MEAN / PIXEL_STD apply
     return cfg
 
 

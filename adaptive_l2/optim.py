@@ -22,6 +22,7 @@ from fastreid.solver.build import get_default_optimizer_params, maybe_add_gradie
 from torch import nn
 
 from adaptive_l2.config import regularizer_enabled
+from adaptive_l2.keras_adam import KerasAdam
 from adaptive_l2.regularizers.l2 import AdaptiveL2Penalty, find_l2_penalty
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,12 @@ def build_optimizer(cfg, model: nn.Module) -> Tuple[torch.optim.Optimizer, None]
     name = cfg.SOLVER.OPT
     if not hasattr(torch.optim, name):
         raise ValueError(f"SOLVER.OPT '{name}' is not an optimizer of torch.optim")
-    optimizer_class = with_layer_freeze(maybe_add_gradient_clipping(cfg, getattr(torch.optim, name)))
+    base_class = getattr(torch.optim, name)
+    if cfg.SOLVER.ADAM_GLOBAL_STEP:
+        if name != "Adam":
+            raise ValueError(f"SOLVER.ADAM_GLOBAL_STEP True needs SOLVER.OPT 'Adam', got '{name}'")
+        base_class = KerasAdam  # one step count for all tensors, as the original's Keras Adam
+    optimizer_class = with_layer_freeze(maybe_add_gradient_clipping(cfg, base_class))
     kwargs = {}
     if name == "SGD":
         kwargs = {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}

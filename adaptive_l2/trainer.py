@@ -32,6 +32,7 @@ from adaptive_l2.config import check_config
 from adaptive_l2.data.build import build_test_loader, build_train_loader, train_sampler_of
 from adaptive_l2.global_batch import convert_to_global_batch_norm, use_per_process_statistics
 from adaptive_l2.hooks import EvalHistory, L2FactorLogger, ResumableLayerFreeze
+from adaptive_l2.modeling.backbone_options import apply_backbone_options
 from adaptive_l2.modeling.pretrained import check_pretrain_config
 from adaptive_l2.optim import build_optimizer
 from adaptive_l2.regularizers.l2 import attach_l2_penalty, find_l2_penalty
@@ -281,7 +282,8 @@ class Trainer(DefaultTrainer):
         check_config(cfg)
         check_pretrain_config(cfg)  # fast-reid would download ImageNet weights without a path
         model = fastreid_build_model(cfg)
-        model = use_global_batch_statistics(model, cfg)
+        apply_backbone_options(model, cfg)  # the original's BN, ResNet v1 strides, pixel format
+        model = use_global_batch_statistics(model, cfg)  # after: it keeps the BN settings
         attach_l2_penalty(model, cfg)
         logger.info("Model %s: %d trainable tensors, %.2fM parameters", type(model).__name__,
                     sum(1 for p in model.parameters() if p.requires_grad),

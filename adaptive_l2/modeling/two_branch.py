@@ -30,6 +30,7 @@ from fastreid.modeling.backbones.resnet import Bottleneck, ResNet
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 from torch import nn
 
+from adaptive_l2.modeling.backbone_options import check_pixel_format, normalize_pixels
 from adaptive_l2.modeling.losses import soft_margin_batch_hard_triplet
 from adaptive_l2.modeling.pretrained import check_pretrain_config, load_pretrained_backbone
 
@@ -168,6 +169,9 @@ class TwoBranchReID(nn.Module):
     (B, C5 + STRIPES * REGIONAL_DIM) test features in eval mode.
     """
 
+    # the pretrained ResNet, whose BatchNorm / stride options apply (see backbone_options)
+    backbone_parts = ("backbone", "global_conv5", "regional_conv5")
+
     @configurable
     def __init__(
         self,
@@ -180,6 +184,7 @@ class TwoBranchReID(nn.Module):
         clip_min: float = 0.0,
         clip_max: float = 1.0,
         label_smoothing: float = 0.1,
+        pixel_format: str = "RGB",
     ) -> None:
         """Build from parts; ``conv5`` is duplicated here, so both copies start equal."""
         super().__init__()
@@ -190,6 +195,7 @@ class TwoBranchReID(nn.Module):
         self.clip_min = clip_min
         self.clip_max = clip_max
         self.label_smoothing = label_smoothing
+        self.pixel_format = check_pixel_format(pixel_format)
         self.branch_names = branch_names(len(heads.stripe_convs))
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), False)
@@ -238,6 +244,7 @@ class TwoBranchReID(nn.Module):
             "clip_min": options.CLIP_MIN,
             "clip_max": options.CLIP_MAX,
             "label_smoothing": options.LABEL_SMOOTHING,
+            "pixel_format": cfg.MODEL.get("PIXEL_FORMAT", "RGB"),
         }
 
     @property
@@ -247,21 +254,9 @@ class TwoBranchReID(nn.Module):
     def preprocess_image(
         self, batched_inputs: Union[Dict[str, torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """Normalize 0-255 images with MODEL.PIXEL_MEAN / PIXEL_STD.
-
-        Out of place, unlike fast-reid's Baseline: the evaluator flips ``inputs["images"]`` after
-        the first forward pass, which must still hold the raw images then.
-        """
-        if isinstance(batched_inputs, dict):
-            images = batched_inputs["images"]
-        elif isinstance(batched_inputs, torch.Tensor):
-            images = batched_inputs
-        else:
-            raise TypeError(
-                "TwoBranchReID expects a dict with 'images' or a tensor, "
-                f"got {type(batched_inputs).__name__}"
-            )
-        return (images.to(self.device) - self.pixel_mean) / self.pixel_std
+        """Normalize 0-255 RGB images with MODEL.PIXEL_MEAN / PIXEL_STD (channels flipped first
+        when MODEL.PIXEL_FORMAT is "BGR"), out of place (see `normalize_pixels`)."""
+        return normalize_pixels(batched_inputs, self.pixel_mean, self.pixel_std, self.pixel_format)
 
     def pooled_features(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Unclipped pooled vectors of normalized images: global, then one per stripe."""
