@@ -15,10 +15,17 @@ _MIN_SQUARED_DISTANCE = 1e-12
 
 
 def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance matrix of the rows of ``features`` with a finite gradient at 0."""
-    squared_norms = features.pow(2).sum(dim=1)
-    squared = squared_norms[:, None] + squared_norms[None, :] - 2.0 * features @ features.t()
-    return squared.clamp(min=_MIN_SQUARED_DISTANCE).sqrt()
+    """Euclidean distance matrix (fp32) of the rows of ``features``, finite gradient at 0.
+
+    Always fp32, also inside ``torch.autocast``: the distance is a difference of large squared
+    norms (about 170 for 512 clipped features), which fp16's 3 significant digits turn into
+    self-distances up to 0.7 and different hardest positives / negatives.
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        features = features.float()
+        squared_norms = features.pow(2).sum(dim=1)
+        squared = squared_norms[:, None] + squared_norms[None, :] - 2.0 * features @ features.t()
+        return squared.clamp(min=_MIN_SQUARED_DISTANCE).sqrt()
 
 
 def soft_margin_batch_hard_triplet(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -40,7 +47,7 @@ def soft_margin_batch_hard_triplet(features: torch.Tensor, targets: torch.Tensor
             f"soft_margin_batch_hard_triplet expects one target per feature row: features "
             f"{tuple(features.shape)}, targets {tuple(targets.shape)}"
         )
-    distances = pairwise_euclidean(features)
+    distances = pairwise_euclidean(features)  # fp32 under autocast too
     same_identity = targets[:, None] == targets[None, :]
     hardest_positive = distances.masked_fill(~same_identity, float("-inf")).amax(dim=1)
     hardest_negative = distances.masked_fill(same_identity, float("inf")).amin(dim=1)

@@ -31,10 +31,13 @@ from torch import Tensor, nn
 
 from adaptive_l2.sgp.perturbation import _unwrap
 
-__all__ = ["AdversarialTraining", "embed", "metric_attack"]
+__all__ = ["AdversarialTraining", "embed", "metric_attack", "model_device"]
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for an empty model); a DDP
+    wrapper is looked through. Attacks and autocast follow it instead of assuming CUDA."""
+    model = _unwrap(model)
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -121,7 +124,7 @@ def metric_attack(
         raise ValueError(f"attack start_radius must be in [0, eps={eps}], got {start_radius!r}")
 
     module = _unwrap(model)
-    device = _model_device(module)
+    device = model_device(module)
     clean = images.detach().to(device=device, dtype=torch.float32)
     if eps == 0 or steps == 0:
         return clean.clone()
