@@ -262,7 +262,7 @@ def test_sgp_p_runs_a_constant_number_of_ops_whatever_the_number_of_tensors():
             self.count = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += 1
+            self.count += not func.is_view  # views of the noise buffer launch nothing
             return func(*args, **(kwargs or {}))
 
     counts = []

@@ -364,7 +364,11 @@ class ParameterGradientPerturbation:
         noise_norms = torch.stack(torch._foreach_norm(pieces))
         grad_norms = torch.stack(torch._foreach_norm(grads)).float()
         scale = grad_norms * inverse_sqrt * applied * self.alpha
-        noise.mul_(torch.repeat_interleave(scale, counts, output_size=total))
+        if noise.device.type == "cpu":
+            # no launches to save on a CPU, and repeat_interleave builds an index per element
+            torch._foreach_mul_(pieces, list(scale.unbind()))
+        else:
+            noise.mul_(torch.repeat_interleave(scale, counts, output_size=total))
         torch._foreach_add_(grads, [piece.view(grad.shape) for piece, grad in zip(pieces, grads)])
         # ||delta|| / ||g|| = alpha * applied * ||xi|| / sqrt(n): no second pass over the noise.
         return torch.where(grad_norms > 0, noise_norms * inverse_sqrt * applied * self.alpha,
