@@ -295,7 +295,8 @@ class ParameterGradientPerturbation:
     process and never with the rank, so all ranks add identical noise to their identical
     synchronized gradients and the replicas stay equal. That requires every rank to pass the same
     parameters in the same order with the same set of ``.grad`` tensors present (parameters whose
-    ``.grad`` is None are skipped and draw nothing).
+    ``.grad`` is None are skipped and draw nothing). The tensors of one device are perturbed
+    together (one noise draw, torch._foreach_* kernels), not one by one.
     """
 
     def __init__(
