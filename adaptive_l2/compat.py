@@ -313,6 +313,132 @@ def patch_metric_printer_same_iteration() -> None:
     APPLIED.append("metric_printer_same_iteration")
 
 
+def patch_baseline_targets_without_sync() -> None:
+    """Train fast-reid's Baseline without a host sync and without zeroing the caller's targets.
+
+    Its training forward runs `if targets.sum() < 0: targets.zero_()` (fast-reid's PreciseBN pass
+    sets every target to -1): the Python `if` waits for the GPU at every step, and `zero_` writes
+    into the caller's batch. The same rule is applied on the device with `masked_fill`. Evaluation
+    is the host's forward unchanged.
+    """
+    from fastreid.modeling.meta_arch.baseline import Baseline
+
+    host_forward = Baseline.forward
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return host_forward(self, batched_inputs)
+        if not isinstance(batched_inputs, dict) or "targets" not in batched_inputs:
+            raise ValueError("Baseline in training mode needs a dict with 'targets' (person IDs); "
+                             "call model.eval() to extract features")
+        features = self.backbone(self.preprocess_image(batched_inputs))
+        targets = batched_inputs["targets"].to(features.device)
+        targets = targets.masked_fill(targets.sum() < 0, 0)  # PreciseBN: all -1 -> all 0
+        return self.losses(self.heads(features, targets), targets)
+
+    forward.host = host_forward
+    Baseline.forward = forward
+    APPLIED.append("baseline_targets_without_sync")
+
+
+# More deferred records than this are turned into floats at the next put: bounds the memory held
+# when nothing reads the storage for a long time.
+_MAX_DEFERRED_RECORDS = 4096
+
+
+class _DeferredScalars:
+    """Values put as a tensor at one iteration, and how to put them as floats later."""
+
+    __slots__ = ("values", "write", "iteration", "prefix")
+
+    def __init__(self, values, write, iteration: int, prefix: str) -> None:
+        self.values = values
+        self.write = write
+        self.iteration = iteration
+        self.prefix = prefix
+
+
+def put_deferred_scalars(storage, values: torch.Tensor, write) -> None:
+    """Keep ``values`` (a tensor, on any device) until ``storage`` is read, then call
+    ``write(list_of_floats)`` at the iteration and name scope of this call.
+
+    ``write`` puts the floats with ``storage.put_scalar`` as it would have done at once; nothing
+    waits for the device now. Needs :func:`patch_deferred_tensor_scalars`.
+    """
+    records = storage.__dict__.setdefault("_deferred_scalars", [])
+    records.append(_DeferredScalars(values.detach().reshape(-1), write, storage.iter,
+                                    storage._current_prefix))
+    if len(records) > _MAX_DEFERRED_RECORDS:
+        resolve_deferred_scalars(storage)
+
+
+def resolve_deferred_scalars(storage) -> None:
+    """Put every deferred record as floats, in the order they were put (one transfer per device)."""
+    records = storage.__dict__.get("_deferred_scalars")
+    if not records:
+        return
+    storage._deferred_scalars = []
+    floats = {}
+    devices = {}
+    for record in records:
+        devices.setdefault(record.values.device, []).append(record)
+    for group in devices.values():
+        flat = torch.cat([r.values.to(torch.float64) for r in group]).tolist()
+        start = 0
+        for record in group:
+            floats[id(record)] = flat[start:start + record.values.numel()]
+            start += record.values.numel()
+    iteration, prefix = storage.iter, storage._current_prefix
+    try:
+        for record in records:
+            storage.iter, storage._current_prefix = record.iteration, record.prefix
+            record.write(floats[id(record)])
+    finally:
+        storage.iter, storage._current_prefix = iteration, prefix
+
+
+def patch_deferred_tensor_scalars() -> None:
+    """Let fast-reid's EventStorage take tensors without waiting for the device.
+
+    `EventStorage.put_scalar` calls `float(value)`: fast-reid's `log_accuracy` puts a tensor at
+    every step, which stalls the GPU until the step's kernels have run. A tensor value is now
+    kept with its iteration and name scope, and all kept values become floats together when the
+    storage is next read (`history`, `histories`, `latest`, `latest_with_smoothing_hint`,
+    `smoothing_hints`: what the writers and hooks call at their period). Histories, latest values
+    and smoothing hints are the same as with immediate puts; a name must not be put both as a
+    tensor and as a float.
+    """
+    from fastreid.utils.events import EventStorage
+
+    host_put_scalar = EventStorage.put_scalar
+
+    def put_scalar(self, name, value, smoothing_hint=True):
+        if not isinstance(value, torch.Tensor):
+            return host_put_scalar(self, name, value, smoothing_hint)
+        if value.numel() != 1:
+            raise ValueError(f"EventStorage.put_scalar('{name}'): a tensor value must have one "
+                             f"element, got shape {tuple(value.shape)}")
+        put_deferred_scalars(self, value, lambda floats: host_put_scalar(
+            self, name, floats[0], smoothing_hint))
+
+    def resolving(host_method):
+        def method(self, *args, **kwargs):
+            resolve_deferred_scalars(self)
+            return host_method(self, *args, **kwargs)
+
+        method.host = host_method
+        method.__name__ = host_method.__name__
+        method.__doc__ = host_method.__doc__
+        return method
+
+    put_scalar.host = host_put_scalar
+    EventStorage.put_scalar = put_scalar
+    for name in ("history", "histories", "latest", "latest_with_smoothing_hint",
+                 "smoothing_hints"):
+        setattr(EventStorage, name, resolving(getattr(EventStorage, name)))
+    APPLIED.append("deferred_tensor_scalars")
+
+
 _done = False
 
 
@@ -334,6 +460,7 @@ def patch_triplet_loss_global_batch() -> None:
 
     import fastreid.modeling.losses as losses_package
     import fastreid.modeling.meta_arch.baseline as baseline
+    import fastreid.modeling.meta_arch.mgn as mgn
 
     # the package re-exports a function of the module's name: fetch the module itself
     triplet_module = importlib.import_module("fastreid.modeling.losses.triplet_loss")
@@ -346,19 +473,19 @@ def patch_triplet_loss_global_batch() -> None:
             anchors, candidates = embedding.float(), candidates.float()
             distance = triplet_module.cosine_dist if norm_feat else triplet_module.euclidean_dist
             dist_mat = distance(anchors, candidates)
-        is_pos = targets[:, None].eq(candidate_targets[None, :]).float()
-        is_neg = 1.0 - is_pos
-        mining = (triplet_module.hard_example_mining if hard_mining
-                  else triplet_module.weighted_example_mining)
-        dist_ap, dist_an = mining(dist_mat, is_pos, is_neg)
-        ones = torch.ones_like(dist_an)
-        if margin > 0:
-            return F.margin_ranking_loss(dist_an, dist_ap, ones, margin=margin)
-        loss = F.soft_margin_loss(dist_an - dist_ap, ones)
-        fallback = F.margin_ranking_loss(dist_an, dist_ap, ones, margin=0.3)
-        return torch.where(torch.isinf(loss), fallback, loss)
+            is_pos = targets[:, None].eq(candidate_targets[None, :]).float()
+            is_neg = 1.0 - is_pos
+            mining = (triplet_module.hard_example_mining if hard_mining
+                      else triplet_module.weighted_example_mining)
+            dist_ap, dist_an = mining(dist_mat, is_pos, is_neg)
+            ones = torch.ones_like(dist_an)
+            if margin > 0:
+                return F.margin_ranking_loss(dist_an, dist_ap, ones, margin=margin)
+            loss = F.soft_margin_loss(dist_an - dist_ap, ones)
+            fallback = F.margin_ranking_loss(dist_an, dist_ap, ones, margin=0.3)
+            return torch.where(torch.isinf(loss), fallback, loss)
 
-    for module in (triplet_module, losses_package, baseline):
+    for module in (triplet_module, losses_package, baseline, mgn):
         module.triplet_loss = triplet_loss
     APPLIED.append("triplet_loss_global_batch_fp32")
 
@@ -378,4 +505,6 @@ def apply_all() -> None:
     patch_metric_printer_same_iteration()
     patch_jaccard_search_device()
     patch_triplet_loss_global_batch()
+    patch_baseline_targets_without_sync()
+    patch_deferred_tensor_scalars()
     _done = True

@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import time
-from typing import Optional
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from fastreid.engine import hooks as fastreid_hooks
 from fastreid.engine.defaults import DefaultTrainer
@@ -28,6 +29,7 @@ from fastreid.utils.events import get_event_storage
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from adaptive_l2.compat import put_deferred_scalars
 from adaptive_l2.config import check_config
 from adaptive_l2.data.build import build_test_loader, build_train_loader, train_sampler_of
 from adaptive_l2.global_batch import convert_to_global_batch_norm, use_per_process_statistics
@@ -37,7 +39,7 @@ from adaptive_l2.modeling.pretrained import check_pretrain_config
 from adaptive_l2.optim import build_optimizer
 from adaptive_l2.regularizers.l2 import attach_l2_penalty, find_l2_penalty
 from adaptive_l2.sgp import (AdversarialTraining, FeatureGradientPerturbation,
-                             ParameterGradientPerturbation)
+                             ParameterGradientPerturbation, model_device)
 from adaptive_l2.solver import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ class TrainStep(SimpleTrainer):
     Optional regularizers of the step itself: adversarial training (the loss dict of a clean +
     adversarial batch), SGP-F (hooks on feature sites, switched on from `sgp_start_iter`) and
     SGP-P (noise on the synchronized parameter gradients, just before the optimizer step).
+
+    Nothing in a step waits for the device: the losses, fast-reid's accuracy and the SGP
+    statistics go to the event storage as tensors and become floats when a writer reads them
+    (`adaptive_l2.compat.patch_deferred_tensor_scalars`), with the same values and iterations
+    fast-reid's per-step `.item()` gave. A non-finite loss is reported then, naming its iteration.
     """
 
     def __init__(self, model, data_loader, optimizer, amp: bool = False,
@@ -59,7 +66,9 @@ class TrainStep(SimpleTrainer):
                  sgp_start_iter: int = 0):
         super().__init__(model, data_loader, optimizer, param_wrapper=None)
         self.amp = amp
-        self.grad_scaler = torch.amp.GradScaler("cuda") if amp else None
+        # autocast and the scaler follow the model's device (not a hard-coded "cuda")
+        self.device_type = model_device(model).type
+        self.grad_scaler = torch.amp.GradScaler(self.device_type) if amp else None
         self.adversarial = adversarial
         self.adversarial_generator = adversarial_generator
         self.feature_noise = feature_noise
@@ -68,6 +77,7 @@ class TrainStep(SimpleTrainer):
 
     def compute_losses(self, data):
         if self.adversarial is not None:
+            # the attack inside runs in fp32 (see metric_attack); its training forward under AMP
             return self.adversarial.losses(self.model, data, self.adversarial_generator)
         return self.model(data)
 
@@ -79,7 +89,7 @@ class TrainStep(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
-        with torch.autocast("cuda", enabled=self.amp):
+        with torch.autocast(self.device_type, enabled=self.amp):
             loss_dict = self.compute_losses(data)
             losses = sum(loss_dict.values())
         self.optimizer.zero_grad()
@@ -100,11 +110,51 @@ class TrainStep(SimpleTrainer):
         else:
             self.optimizer.step()
 
+    def _write_metrics(self, loss_dict: Dict[str, torch.Tensor], data_time: float) -> None:
+        """fast-reid's metrics (data_time, total_loss, each loss) without its per-step syncs.
+
+        The host turns every loss into a float and gathers them across processes (pickled) at
+        every step. Here one float64 vector per step (losses, then data_time) is gathered on the
+        device and handed to the event storage as is; when a writer reads the storage it becomes
+        exactly what the host would have put: max data_time and mean losses over the processes,
+        their sum as total_loss.
+        """
+        names = list(loss_dict)
+        row = torch.stack([value.detach().reshape(()).to(torch.float64)
+                           for value in loss_dict.values()])
+        row = torch.cat((row, torch.full((1,), data_time, dtype=torch.float64,
+                                         device=row.device)))
+        world_size = comm.get_world_size()
+        if world_size > 1:
+            rows = [torch.empty_like(row) for _ in range(world_size)]
+            torch.distributed.all_gather(rows, row)
+            row = torch.cat(rows)
+        if not comm.is_main_process():
+            return
+        storage = get_event_storage()
+        iteration = self.iter
+
+        def write(values: List[float]) -> None:
+            width = len(names) + 1
+            per_process = [values[rank * width:(rank + 1) * width] for rank in range(world_size)]
+            storage.put_scalar("data_time", np.max([own[-1] for own in per_process]))
+            metrics = {name: np.mean([own[index] for own in per_process])
+                       for index, name in enumerate(names)}
+            total = sum(metrics.values())
+            if not np.isfinite(total):
+                raise FloatingPointError(
+                    f"Loss became infinite or NaN at iteration={iteration}!\nloss_dict = {metrics}")
+            storage.put_scalar("total_loss", total)
+            if len(metrics) > 1:
+                storage.put_scalars(**metrics)
+
+        put_deferred_scalars(storage, row, write)
+
     def _write_sgp_metrics(self, sgp_on: bool) -> None:
         noise = self.feature_noise or self.parameter_noise
         if noise is None or not sgp_on or not comm.is_main_process():
             return
-        relative = noise.last_relative_perturbation
+        relative = noise.last_relative_perturbation_tensor  # a float only when logged
         if relative is not None:
             get_event_storage().put_scalar("sgp_relative_perturbation", relative)
 

@@ -325,6 +325,27 @@ def test_adversarial_training_losses_train_on_both_halves():
         AdversarialTraining(adv_weight=0.0)
 
 
+def test_attack_under_fp16_autocast_equals_the_fp32_attack_and_training_stays_fp16():
+    # torch.autocast("cpu", float16) stands in for the trainer's CUDA AMP. Without fp32 inside the
+    # attack the input gradient (about 1e-9 per pixel) underflows or is rounding noise in fp16 and
+    # the images move in wrong directions (max difference 2 * eps from the fp32 attack).
+    model, batch = small_model(), small_batch()
+    training = AdversarialTraining(eps=4, steps=1)
+    reference = training.attack(model, batch["images"], torch.Generator().manual_seed(0))
+    dtypes: List[torch.dtype] = []
+    model.backbone.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.float16), EventStorage(0):
+        attacked = training.attack(model, batch["images"], torch.Generator().manual_seed(0))
+        del dtypes[:]
+        losses = training.losses(model, batch, torch.Generator().manual_seed(0))
+    assert torch.equal(attacked, reference)
+    assert (attacked - batch["images"]).abs().max().item() > 3.9  # it moved: a real attack
+    # the attack's clean and attacked forwards in fp32, the 2B-image training forward in fp16
+    assert dtypes == [torch.float32] * 2 + [torch.float16]
+    assert torch.isfinite(losses["loss_cls"])
+
+
 # ---------------------------------------------------------------- robustness evaluation
 
 

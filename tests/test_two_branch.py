@@ -15,6 +15,7 @@ from adaptive_l2.modeling import (
     load_pretrained_backbone,
     soft_margin_batch_hard_triplet,
 )
+from adaptive_l2.modeling import losses as two_branch_losses
 from adaptive_l2.modeling import two_branch
 from adaptive_l2.modeling.two_branch import build_resnet
 from fastreid.config import get_cfg
@@ -242,6 +243,33 @@ def test_triplet_loss_gradient_is_finite_with_duplicates_and_one_identity():
     assert torch.isfinite(features.grad).all()
     single = soft_margin_batch_hard_triplet(features, torch.zeros(3, dtype=torch.long))
     assert single.item() == 0.0
+
+
+def hardest_indices(distances: torch.Tensor, targets: torch.Tensor):
+    same = targets[:, None] == targets[None, :]
+    positive = distances.masked_fill(~same, float("-inf")).argmax(dim=1)
+    negative = distances.masked_fill(same, float("inf")).argmin(dim=1)
+    return positive, negative
+
+
+def test_triplet_distances_are_fp32_under_fp16_autocast():
+    # CPU autocast float16 stands in for CUDA AMP: an fp16 Gram matrix of 512 features in [0, 1]
+    # (squared norms ~170) gives self-distances of several tenths and other hardest samples.
+    generator = torch.Generator().manual_seed(0)
+    features = torch.rand(32, 512, generator=generator)
+    targets = torch.arange(32) // 4
+    reference = two_branch_losses.pairwise_euclidean(features)
+    with torch.autocast("cpu", dtype=torch.float16):
+        distances = two_branch_losses.pairwise_euclidean(features)
+        loss = soft_margin_batch_hard_triplet(features, targets)
+    assert distances.dtype == torch.float32
+    torch.testing.assert_close(distances, reference, rtol=1e-5, atol=1e-5)
+    assert distances.diagonal().max().item() < 0.05  # fp32 cancellation; fp16 gives 0.35
+    for under_amp, fp32 in zip(hardest_indices(distances, targets),
+                               hardest_indices(reference, targets)):
+        assert torch.equal(under_amp, fp32)
+    assert loss.item() == pytest.approx(soft_margin_batch_hard_triplet(features, targets).item(),
+                                        rel=1e-6)
 
 
 def test_cross_entropy_uses_label_smoothing(model):

@@ -17,12 +17,19 @@ _MIN_SQUARED_DISTANCE = 1e-12
 
 
 def pairwise_euclidean(features: torch.Tensor, others: torch.Tensor = None) -> torch.Tensor:
-    """Euclidean distances between the rows of ``features`` and of ``others`` (default: the
-    same rows), with a finite gradient at 0."""
+    """Euclidean distances (fp32) between the rows of ``features`` and of ``others`` (default:
+    the same rows), with a finite gradient at 0.
+
+    Always fp32, also inside ``torch.autocast``: the distance is a difference of large squared
+    norms (about 170 for 512 clipped features), which fp16's 3 significant digits turn into
+    self-distances up to 0.7 and different hardest positives / negatives.
+    """
     others = features if others is None else others
-    squared = (features.pow(2).sum(dim=1)[:, None] + others.pow(2).sum(dim=1)[None, :]
-               - 2.0 * features @ others.t())
-    return squared.clamp(min=_MIN_SQUARED_DISTANCE).sqrt()
+    with torch.autocast(features.device.type, enabled=False):
+        features, others = features.float(), others.float()
+        squared = (features.pow(2).sum(dim=1)[:, None] + others.pow(2).sum(dim=1)[None, :]
+                   - 2.0 * features @ others.t())
+        return squared.clamp(min=_MIN_SQUARED_DISTANCE).sqrt()
 
 
 def soft_margin_batch_hard_triplet(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,7 +53,7 @@ def soft_margin_batch_hard_triplet(features: torch.Tensor, targets: torch.Tensor
         )
     # anchors: this process's rows; candidates: the global batch (see adaptive_l2.global_batch)
     candidates, candidate_targets = metric_loss_candidates(features, targets)
-    distances = pairwise_euclidean(features, candidates)
+    distances = pairwise_euclidean(features, candidates)  # fp32 under autocast too
     same_identity = targets[:, None] == candidate_targets[None, :]
     hardest_positive = distances.masked_fill(~same_identity, float("-inf")).amax(dim=1)
     hardest_negative = distances.masked_fill(same_identity, float("inf")).amin(dim=1)

@@ -297,10 +297,9 @@ class TwoBranchReID(nn.Module):
                              "features but not train; fast-reid's trainer sets the number")
         features = self.clipped_features(images)
         targets = batched_inputs["targets"].to(self.device)
-        if bool((targets < 0).any()):
-            # fast-reid's PreciseBN hook sets every target to -1: the losses are discarded then,
-            # any valid class index keeps them computable.
-            targets = torch.zeros_like(targets)
+        # fast-reid's PreciseBN hook sets every target to -1: the losses are discarded then, any
+        # valid class index keeps them computable. On the device: an `if` would sync every step.
+        targets = targets.masked_fill((targets < 0).any(), 0)
         return self.losses(features, targets)
 
     def losses(

@@ -11,7 +11,7 @@ abstract (``shared/reference/sgp.md``), not the authors' method.
   baseline;
 * :mod:`~adaptive_l2.sgp.robustness` -- Rank-1 / mAP clean and under attack on the query images.
 """
-from adaptive_l2.sgp.adversarial import AdversarialTraining, embed, metric_attack
+from adaptive_l2.sgp.adversarial import AdversarialTraining, embed, metric_attack, model_device
 from adaptive_l2.sgp.perturbation import (
     NOISE_KINDS,
     FeatureGradientPerturbation,
@@ -40,5 +40,6 @@ __all__ = [
     "format_robustness_comparison",
     "format_robustness_table",
     "metric_attack",
+    "model_device",
     "perturb_gradient",
 ]

@@ -31,10 +31,13 @@ from torch import Tensor, nn
 
 from adaptive_l2.sgp.perturbation import _unwrap
 
-__all__ = ["AdversarialTraining", "embed", "metric_attack"]
+__all__ = ["AdversarialTraining", "embed", "metric_attack", "model_device"]
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for an empty model); a DDP
+    wrapper is looked through. Attacks and autocast follow it instead of assuming CUDA."""
+    model = _unwrap(model)
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -96,6 +99,9 @@ def metric_attack(
     submodule's mode is restored afterwards. Only the input gradient is computed
     (``torch.autograd.grad``), so the parameters' ``.grad`` are left untouched. Returns detached
     adversarial images on the model's device.
+
+    The attack runs in fp32 even inside ``torch.autocast`` (the trainer's AMP): its input
+    gradient is far below fp16's range, so under fp16 the signed step would be 0 or noise.
     """
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"attack eps must be a finite number >= 0 (0-255 scale), got {eps!r}")
@@ -118,7 +124,7 @@ def metric_attack(
         raise ValueError(f"attack start_radius must be in [0, eps={eps}], got {start_radius!r}")
 
     module = _unwrap(model)
-    device = _model_device(module)
+    device = model_device(module)
     clean = images.detach().to(device=device, dtype=torch.float32)
     if eps == 0 or steps == 0:
         return clean.clone()
@@ -127,19 +133,23 @@ def metric_attack(
     upper = (clean + eps).clamp_(pixel_min, pixel_max)
     modes = _save_modes(module)
     module.eval()
+    # fp32 even inside the trainer's autocast: the input gradient of the cosine distance is about
+    # 1e-9 per pixel, below fp16's smallest subnormal (6e-8), so in fp16 its sign is 0 or noise and
+    # the "adversarial" images are little more than the random start.
     try:
-        with torch.no_grad():
-            reference = F.normalize(embed(module, clean).float(), dim=1)
-        start = torch.rand(clean.shape, generator=generator, device=device).mul_(2.0).sub_(1.0)
-        adversarial = torch.max(torch.min(clean + start_radius * start, upper), lower)
-        for _ in range(steps):
-            adversarial.requires_grad_(True)
-            with torch.enable_grad():
-                distance = _cosine_distance(embed(module, adversarial), reference).sum()
-                (gradient,) = torch.autograd.grad(distance, adversarial)
+        with torch.autocast(device.type, enabled=False):
             with torch.no_grad():
-                adversarial = adversarial.detach() + step_size * gradient.sign()
-                adversarial = torch.max(torch.min(adversarial, upper), lower)
+                reference = F.normalize(embed(module, clean).float(), dim=1)
+            start = torch.rand(clean.shape, generator=generator, device=device).mul_(2.0).sub_(1.0)
+            adversarial = torch.max(torch.min(clean + start_radius * start, upper), lower)
+            for _ in range(steps):
+                adversarial.requires_grad_(True)
+                with torch.enable_grad():
+                    distance = _cosine_distance(embed(module, adversarial), reference).sum()
+                    (gradient,) = torch.autograd.grad(distance, adversarial)
+                with torch.no_grad():
+                    adversarial = adversarial.detach() + step_size * gradient.sign()
+                    adversarial = torch.max(torch.min(adversarial, upper), lower)
     finally:
         _restore_modes(modes)
     return adversarial.detach()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_l2.sgp.adversarial import (
-    _model_device,
+    model_device,
     _restore_modes,
     _save_modes,
     embed,
@@ -195,7 +195,7 @@ def evaluate_robustness(
         raise ValueError(f"attacks has duplicate entries: {duplicates}")
 
     module = _unwrap(model)
-    device = _model_device(module)
+    device = model_device(module)
     generators: Dict[str, torch.Generator] = {}
     for spec in attacks:
         generators[spec.label] = torch.Generator(device=device)
