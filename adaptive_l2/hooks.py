@@ -176,8 +176,8 @@ class ResumedMetricsLog(HookBase):
 
 class DivergenceGuard(HookBase):
     """Stops training when the loss is not finite or grows past `factor` times its early value (the
-    smallest total loss of the run's first `early_iters` iterations), instead of training on
-    exploding losses and reporting the result as a success."""
+    smallest total loss among the run's first `early_iters` iterations, checked from the second
+    iteration on), instead of training on exploding losses and reporting the result as a success."""
 
     def __init__(self, factor: float, early_iters: int):
         self.factor = float(factor)
@@ -193,10 +193,9 @@ class DivergenceGuard(HookBase):
             raise FloatingPointError(
                 f"training diverged at iteration {self.trainer.iter}: total_loss is {loss}. "
                 "Lower SOLVER.BASE_LR (or check the data and the loss weights).")
+        reference = min(self._early) if self._early else math.inf
         if len(self._early) < self.early_iters:
-            self._early.append(loss)
-            return
-        reference = min(self._early)
+            self._early.append(loss)  # the early value is known from the first iteration on
         if loss > self.factor * reference:
             raise FloatingPointError(
                 f"training diverged at iteration {self.trainer.iter}: total_loss {loss:.4g} is more "

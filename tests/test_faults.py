@@ -186,8 +186,9 @@ def test_divergence_stops_the_run_without_results(dataset_root, tmp_path):
     out = tmp_path / "diverged"
     result = run_train_net(["--config-file", SYNTHETIC_BASE, *tiny_opts(
         dataset_root, out, "SOLVER.BASE_LR", "1e6", "SOLVER.MAX_EPOCH", "4",
-        "SOLVER.DIVERGENCE.EARLY_ITERS", "1", "TEST.EVAL_PERIOD", "4")], timeout=120, check=False)
+        "TEST.EVAL_PERIOD", "4")], timeout=120, check=False)
     assert result.returncode != 0
-    assert "FloatingPointError: training diverged at iteration" in result.stderr, \
+    # the loss went from 4.7 to 1.7e11 at iteration 1 (finite: fast-reid's own check passes it)
+    assert "FloatingPointError: training diverged at iteration 1: total_loss" in result.stderr, \
         result.stderr[-3000:]
     assert not (out / "final_results.json").exists()
