@@ -437,6 +437,48 @@ def patch_deferred_tensor_scalars() -> None:
                  "smoothing_hints"):
         setattr(EventStorage, name, resolving(getattr(EventStorage, name)))
     APPLIED.append("deferred_tensor_scalars")
+def patch_dataset_file_names() -> None:
+    """Name the file when a Market-1501 or DukeMTMC-reID image name cannot be parsed.
+
+    fast-reid's `process_dir` runs `pattern.search(img_path).groups()`, so one stray file
+    ('Thumbs.jpg', a renamed copy) ends the run with "'NoneType' object has no attribute 'groups'",
+    and a pid or camera out of range with a bare AssertionError, neither naming the file.
+    """
+    import glob
+    import os
+    import re
+
+    from fastreid.data.datasets.dukemtmcreid import DukeMTMC
+    from fastreid.data.datasets.market1501 import Market1501
+
+    pattern = re.compile(r"([-\d]+)_c(\d)")  # the host's pattern, searched in the whole path
+
+    def first_bad_name(dir_path: str, max_pid: int, max_camera: int):
+        for img_path in sorted(glob.glob(os.path.join(dir_path, "*.jpg"))):
+            match = pattern.search(img_path)
+            if match is None:
+                return img_path, "not a Market-1501 style name (expected PPPP_cC..., e.g. " \
+                                 "0002_c1s1_000451_03.jpg)"
+            pid, camera = map(int, match.groups())
+            if not (-1 <= pid <= max_pid and 1 <= camera <= max_camera):
+                return img_path, f"pid {pid} or camera {camera} out of range (pid -1..{max_pid}, " \
+                                 f"camera 1..{max_camera})"
+        return None
+
+    def naming(host_process_dir, max_pid: int, max_camera: int):
+        def process_dir(self, dir_path, *args, **kwargs):
+            try:
+                return host_process_dir(self, dir_path, *args, **kwargs)
+            except (AttributeError, AssertionError) as error:
+                bad = first_bad_name(dir_path, max_pid, max_camera)
+                if bad is None:
+                    raise
+                raise ValueError(f"{bad[0]}: {bad[1]}; rename or remove the file") from error
+        return process_dir
+
+    Market1501.process_dir = naming(Market1501.process_dir, 1501, 6)
+    DukeMTMC.process_dir = naming(DukeMTMC.process_dir, 10 ** 6, 8)
+    APPLIED.append("dataset_file_names_named")
 
 
 _done = False
@@ -507,4 +549,5 @@ def apply_all() -> None:
     patch_triplet_loss_global_batch()
     patch_baseline_targets_without_sync()
     patch_deferred_tensor_scalars()
+    patch_dataset_file_names()
     _done = True

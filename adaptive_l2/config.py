@@ -96,6 +96,10 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.MODEL.BACKBONE.NORM_EPS = -1.0  # epsilon of the backbone's BN; < 0: the host's (1e-5)
     cfg.MODEL.BACKBONE.STRIDE_IN_1X1 = False  # True: bottleneck stride on the 1x1 conv (ResNet v1)
     cfg.MODEL.PIXEL_FORMAT = "RGB"  # "BGR": channels flipped before PIXEL_MEAN / PIXEL_STD apply
+    # Reliability: stop a diverging run instead of reporting its garbage as a result.
+    cfg.SOLVER.DIVERGENCE = CN({"ENABLED": True})  # stop on a non-finite or exploding total loss
+    cfg.SOLVER.DIVERGENCE.FACTOR = 100.0  # stop when the loss exceeds FACTOR x its early value
+    cfg.SOLVER.DIVERGENCE.EARLY_ITERS = 10  # early value: smallest loss of the run's first N iters
     return cfg
 
 
@@ -130,6 +134,10 @@ def check_config(cfg: CN) -> None:
     if cfg.MODEL.REG.AT.ENABLED and cfg.MODEL.REG.AT.WEIGHT != 1.0 and regularizer_enabled(cfg):
         raise ValueError("MODEL.REG.AT.WEIGHT != 1 runs two forwards per step, each adding the L2 "
                          "penalty: use MODEL.REG.AT.WEIGHT 1.0 with MODEL.REG.ADAPTIVE / CONVENTIONAL")
+    divergence = cfg.SOLVER.DIVERGENCE
+    if divergence.ENABLED and not (divergence.FACTOR > 1 and divergence.EARLY_ITERS >= 1):
+        raise ValueError("SOLVER.DIVERGENCE.FACTOR must be > 1 and SOLVER.DIVERGENCE.EARLY_ITERS "
+                         f">= 1, got {divergence.FACTOR} and {divergence.EARLY_ITERS}")
     device = str(cfg.MODEL.DEVICE)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(

@@ -1,11 +1,10 @@
 """Pictures of the L2 factors a run saved (OUTPUT_DIR/l2_factors.jsonl): the paper's "Histogram"."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List
 
-from adaptive_l2.hooks import FACTORS_FILE
+from adaptive_l2.hooks import FACTORS_FILE, read_json_lines
 
 KIND_COLOURS = {"kernel": "tab:blue", "bias": "tab:orange", "norm_weight": "tab:green",
                 "norm_bias": "tab:red"}
@@ -17,8 +16,7 @@ def read_factor_log(run_dir: str) -> List[Dict]:
         raise FileNotFoundError(
             f"{path} not found: the run in {run_dir} did not train with MODEL.REG.ADAPTIVE or "
             "MODEL.REG.CONVENTIONAL.ENABLED, or is not a run folder")
-    with open(path) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
+    records = read_json_lines(path)
     if not records:
         raise ValueError(f"{path} holds no record")
     return records

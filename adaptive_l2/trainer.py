@@ -24,16 +24,17 @@ from fastreid.engine.defaults import DefaultTrainer
 from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
 from fastreid.modeling.meta_arch import build_model as fastreid_build_model
 from fastreid.utils import comm
-from fastreid.utils.checkpoint import Checkpointer
 from fastreid.utils.events import get_event_storage
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from adaptive_l2.checkpoint import SafeCheckpointer
 from adaptive_l2.compat import put_deferred_scalars
 from adaptive_l2.config import check_config
 from adaptive_l2.data.build import build_test_loader, build_train_loader, train_sampler_of
 from adaptive_l2.global_batch import convert_to_global_batch_norm, use_per_process_statistics
-from adaptive_l2.hooks import EvalHistory, L2FactorLogger, ResumableLayerFreeze
+from adaptive_l2.hooks import (DivergenceGuard, EvalHistory, L2FactorLogger, ResumableLayerFreeze,
+                               ResumedMetricsLog)
 from adaptive_l2.modeling.backbone_options import apply_backbone_options
 from adaptive_l2.modeling.pretrained import check_pretrain_config
 from adaptive_l2.optim import build_optimizer
@@ -263,8 +264,9 @@ class Trainer(DefaultTrainer):
         checkpointables = dict(self.scheduler)
         if self._trainer.grad_scaler is not None:
             checkpointables["grad_scaler"] = self._trainer.grad_scaler
-        self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
-                                         optimizer=optimizer, **checkpointables)
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR,
+                                             save_to_disk=comm.is_main_process(),
+                                             optimizer=optimizer, **checkpointables)
         self.start_epoch = 0
         self.max_epoch = cfg.SOLVER.MAX_EPOCH
         self.max_iter = self.max_epoch * self.iters_per_epoch
@@ -368,4 +370,9 @@ class Trainer(DefaultTrainer):
             # before the writers (the last hook), so the statistics are written the same epoch
             hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks),
                          L2FactorLogger(penalty, self.cfg.MODEL.REG.LOG_PERIOD, self.cfg.OUTPUT_DIR))
+        hooks.insert(0, ResumedMetricsLog(self.cfg.OUTPUT_DIR))
+        if self.cfg.SOLVER.DIVERGENCE.ENABLED:
+            hooks.append(DivergenceGuard(self.cfg.SOLVER.DIVERGENCE.FACTOR,
+                                         self.cfg.SOLVER.DIVERGENCE.EARLY_ITERS,
+                                         self.cfg.SOLVER.LOG_PERIOD))
         return hooks

@@ -21,6 +21,7 @@ from PIL import Image
 
 from adaptive_l2.data import SyntheticReID, generate_synthetic_market
 from adaptive_l2.data import synthetic
+from adaptive_l2.data.synthetic import dataset_folder_name
 
 SMALL = dict(num_train_ids=4, num_test_ids=5, num_distractors=6, num_cameras=3, images_per_id=4)
 SMALL_IMAGES = 4 * 4 + 5 * 4 + 6
@@ -148,7 +149,8 @@ def test_stock_market1501_loader_reads_generated_folder(tmp_path: Path) -> None:
 def test_synthetic_reid_loads_from_registry_in_sorted_order(tmp_path: Path) -> None:
     data = DATASET_REGISTRY.get("SyntheticReID")(root=str(tmp_path), seed=0, **SMALL)
     assert isinstance(data, SyntheticReID)
-    assert (tmp_path / "SyntheticReID" / "generation.json").is_file()
+    folder = tmp_path / dataset_folder_name(seed=0, **SMALL)  # other sizes, other folder
+    assert (folder / "generation.json").is_file()
     assert len(data.train) == 16 and data.get_num_pids(data.train) == 4
     assert all(isinstance(pid, str) and pid.startswith("synthetic_") for _, pid, _ in data.train)
     assert {cam for _, _, cam in data.train} <= {"synthetic_0", "synthetic_1", "synthetic_2"}
@@ -158,7 +160,7 @@ def test_synthetic_reid_loads_from_registry_in_sorted_order(tmp_path: Path) -> N
         assert paths == sorted(paths)
     assert len(data.query) + len(data.gallery) == 5 * 4 + 6
 
-    marker = tmp_path / "SyntheticReID" / "generation.json"
+    marker = folder / "generation.json"
     stamp = marker.stat().st_mtime_ns
     again = SyntheticReID(root=str(tmp_path), seed=0, **SMALL)
     assert marker.stat().st_mtime_ns == stamp, "a matching dataset must not be regenerated"
@@ -238,7 +240,8 @@ def test_killed_generation_leaves_only_a_temp_folder_that_the_next_run_removes(
             proc.kill()
             proc.wait()
     assert not folder.exists(), "a killed generation must not leave a folder that looks complete"
-    assert [p.name for p in tmp_path.iterdir()] == [partial[0].name]
+    # its lock is left too: stale (its process is gone), the next run takes it over
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".SyntheticReID.lock", partial[0].name]
 
     generate_synthetic_market(str(folder), **SMALL)
     assert os.listdir(tmp_path) == ["SyntheticReID"]

@@ -10,7 +10,8 @@ import contextlib
 import logging
 import os
 import random
-from typing import Iterator, Tuple
+from collections import Counter
+from typing import Iterator, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -125,15 +126,53 @@ def build_train_sampler(cfg, train_set: CommDataset):
     per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     host_sampler = _train_loader_from_config(cfg, train_set=train_set)["sampler"]
     return PositionSeededSampler(host_sampler, per_process, seed, comm.get_rank())
+# fast-reid's samplers that build every batch from P identities x K (DATALOADER.NUM_INSTANCE)
+# images: they loop for ever, at 100 % CPU and without a word, when a batch cannot be formed.
+# The project's own samplers (GLOBAL_BATCH_SAMPLERS) refuse such settings when they are built.
+HOST_IDENTITY_SAMPLERS = ("NaiveIdentitySampler", "BalancedIdentitySampler", "SetReWeightSampler")
+
+
+def _folder_of(data, split: str) -> str:
+    return getattr(data, f"{split}_dir", None) or getattr(data, "dataset_dir", "?")
+
+
+def check_batches_possible(cfg, items: Sequence) -> None:
+    """Refuse, before training, a batch the configured sampler could never form (for any sampler)."""
+    sampler = cfg.DATALOADER.SAMPLER_TRAIN
+    total, k = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
+    world = comm.get_world_size()
+    if total < 1 or total % world:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH ({total}) must be a positive multiple of the "
+                         f"number of processes ({world})")
+    if sampler not in HOST_IDENTITY_SAMPLERS:
+        return  # the project's samplers check themselves; image-level ones repeat the set
+    per_process = total // world
+    if k < 1 or per_process % k:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({total}, {per_process} per process) must be a multiple of "
+            f"DATALOADER.NUM_INSTANCE ({k}): {sampler} builds batches of identities x "
+            f"NUM_INSTANCE images and would never complete one")
+    counts = Counter(item[1] for item in items)
+    needed = total // k  # fast-reid's samplers split one global batch over the processes
+    if len(counts) < needed:
+        raise ValueError(
+            f"{sampler} needs SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE = {total} / {k} = "
+            f"{needed} identities per batch, but the training set "
+            f"({', '.join(cfg.DATASETS.NAMES)}) has {len(counts)} ({len(counts)} identities, "
+            f"{len(items)} images). Lower SOLVER.IMS_PER_BATCH or DATALOADER.NUM_INSTANCE.")
 
 
 def build_train_loader(cfg):
     items = []
     for name in cfg.DATASETS.NAMES:
         data = build_dataset(cfg, name, combineall=cfg.DATASETS.COMBINEALL)
+        if not data.train:
+            raise ValueError(f"dataset '{name}' has no training images: {_folder_of(data, 'train')} "
+                             "holds no image fast-reid's loader reads (*.jpg)")
         if comm.is_main_process():
             data.show_train()
         items.extend(data.train)
+    check_batches_possible(cfg, items)
     train_set = SeededSampleDataset(items, build_transforms(cfg, is_train=True), relabel=True)
     sampler = build_train_sampler(cfg, train_set)
     with batches_on(cfg.MODEL.DEVICE):
@@ -147,6 +186,10 @@ def train_sampler_of(data_loader):
 
 def build_test_loader(cfg, dataset_name: str) -> Tuple[object, int]:
     data = build_dataset(cfg, dataset_name)
+    for split, images in (("query", data.query), ("gallery", data.gallery)):
+        if not images:
+            raise ValueError(f"dataset '{dataset_name}' has no {split} images: "
+                             f"{_folder_of(data, split)} holds no image fast-reid's loader reads")
     if comm.is_main_process():
         data.show_test()
     test_set = CommDataset(data.query + data.gallery, build_transforms(cfg, is_train=False),

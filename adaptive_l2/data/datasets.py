@@ -2,7 +2,8 @@
 
 Registered in fast-reid's ``DATASET_REGISTRY`` as ``SyntheticReID``, so a config can name it in
 ``DATASETS.NAMES`` / ``DATASETS.TESTS`` like any real dataset. The data are generated on first use
-(by the main process only) under ``<root>/SyntheticReID``.
+(by the main process only) under ``<root>/SyntheticReID`` for the default sizes and under
+``<root>/SyntheticReID-<settings>`` for others.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from adaptive_l2.data.synthetic import (
     MAX_PID,
     QUERY_DIR,
     TRAIN_DIR,
+    dataset_folder_name,
     generate_synthetic_market,
 )
 
@@ -49,7 +51,11 @@ class SyntheticReID(ImageDataset):
                  images_per_id: int = 8, height: int = 128, width: int = 64,
                  difficulty: float = 1.0, **kwargs) -> None:
         self.root = root
-        self.dataset_dir = os.path.join(root, self.dataset_dir)
+        # other sizes, other folder: a run never regenerates the data another run reads
+        self.dataset_dir = os.path.join(root, dataset_folder_name(
+            self.dataset_dir, seed=seed, num_train_ids=num_train_ids, num_test_ids=num_test_ids,
+            num_distractors=num_distractors, num_cameras=num_cameras, images_per_id=images_per_id,
+            height=height, width=width, difficulty=difficulty))
         if comm.is_main_process():
             generate_synthetic_market(
                 self.dataset_dir, seed=seed, num_train_ids=num_train_ids,

@@ -28,6 +28,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageFilter
 
+from adaptive_l2.run_lock import PidLock, pid_alive
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -933,25 +935,13 @@ def _temp_sibling(dataset_dir: str, kind: str) -> str:
     return os.path.join(parent, f".{base}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists but belongs to someone else
-    return True
-
-
 def _remove_stale_temps(dataset_dir: str) -> None:
     """Remove temporary siblings left by generations whose process is gone (killed runs)."""
     parent = os.path.dirname(dataset_dir)
     pattern = _temp_pattern(dataset_dir)
     for name in sorted(os.listdir(parent)):
         match = pattern.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             logger.warning("removing %s, left by an interrupted synthetic dataset generation",
                            os.path.join(parent, name))
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
@@ -970,6 +960,9 @@ def _install(temp_dir: str, dataset_dir: str, wanted: Dict[str, object]) -> None
     os.rename(temp_dir, dataset_dir)
     if old is not None:
         shutil.rmtree(old)
+
+
+GENERATION_WAIT_S = 3600  # how long a second process waits for another's generation of a folder
 
 
 def generate_synthetic_market(dataset_dir: str, *, seed: int = 0, num_train_ids: int = 64,
@@ -996,8 +989,18 @@ def generate_synthetic_market(dataset_dir: str, *, seed: int = 0, num_train_ids:
         logger.warning("synthetic dataset %s was generated with other settings (%s); regenerating "
                        "it with %s", dataset_dir, marker.get("params"), params)
     os.makedirs(os.path.dirname(dataset_dir), exist_ok=True)
-    _remove_stale_temps(dataset_dir)
+    parent, base = os.path.split(dataset_dir)
+    # one generator per folder at a time; a second one waits, then finds the dataset made
+    with PidLock(os.path.join(parent, f".{base}.lock"),
+                 what=f"synthetic dataset {dataset_dir}").acquire(wait_s=GENERATION_WAIT_S):
+        if _is_current(_check_ours(dataset_dir), wanted):
+            return dataset_dir
+        _generate(dataset_dir, params, wanted)
+    return dataset_dir
 
+
+def _generate(dataset_dir: str, params: Dict[str, object], wanted: Dict[str, object]) -> None:
+    _remove_stale_temps(dataset_dir)
     start = time.perf_counter()
     temp_dir = _temp_sibling(dataset_dir, "partial")
     os.makedirs(temp_dir)
@@ -1012,4 +1015,17 @@ def generate_synthetic_market(dataset_dir: str, *, seed: int = 0, num_train_ids:
         raise
     logger.info("generated synthetic dataset %s in %.1f s: %s", dataset_dir,
                 time.perf_counter() - start, counts)
-    return dataset_dir
+
+
+def dataset_folder_name(base: str = "SyntheticReID", *, seed: int = 0, num_train_ids: int = 64,
+                        num_test_ids: int = 64, num_distractors: int = 100, num_cameras: int = 6,
+                        images_per_id: int = 8, height: int = 128, width: int = 64,
+                        difficulty: float = 1.0) -> str:
+    """The folder of one dataset: `base` for the default sizes, `base` + the settings otherwise, so
+    a run asking for other sizes never regenerates a dataset another run is reading."""
+    params = _validate(seed, num_train_ids, num_test_ids, num_distractors, num_cameras,
+                       images_per_id, height, width, difficulty)
+    if params == _validate(0, 64, 64, 100, 6, 8, 128, 64, 1.0):
+        return base
+    return (f"{base}-s{seed}-ids{num_train_ids}+{num_test_ids}-dis{num_distractors}"
+            f"-cam{num_cameras}-img{images_per_id}-{height}x{width}-diff{float(difficulty):g}")
