@@ -2,8 +2,10 @@
 
 A suite is a list of rows, each a config file. `run_suite` trains the rows that have not finished
 (a row is finished when its OUTPUT_DIR holds final_results.json; an interrupted row resumes from
-its last checkpoint), one after the other, with tools/train_net.py in a child process, on one or
-several GPUs (fast-reid's launch or torchrun) or on the CPU. `collect` reads every row's evaluation
+its last checkpoint) with tools/train_net.py in child processes: one after the other, or side by
+side with one row per GPU slot (`gpus`); a row may itself use several GPUs (fast-reid's launch or
+torchrun). A failed row is reported and the others go on. `dry_run` prints each row's command and
+its cost, timed with the trainer's own training step. `collect` reads every row's evaluation
 history and lays the results out beside the paper's numbers: the final model, and the best
 evaluation of the second phase, labelled "selected on test" as the original code selected it.
 """
@@ -11,14 +13,17 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
+import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from adaptive_l2.cli import RESULTS_FILE, load_config
 from adaptive_l2.hooks import EVAL_HISTORY_FILE
@@ -49,6 +54,7 @@ PAPER_ROWS = ("conventional_l2_R50", "adaptive_l2_R50", "adaptive_l2_R101", "ada
 RERANK_SUFFIX = "_rerank"
 SYNTHETIC_ROWS = ("baseline", "conventional_l2", "adaptive_l2")
 SYNTHETIC_SGP_ROWS = ("sgp", "adaptive_l2_sgp", "at")
+CONSOLE_FILE = "console.txt"  # a row's stdout and stderr when rows run side by side
 
 
 @dataclass(frozen=True)
@@ -79,12 +85,19 @@ def suite_rows(suite: str, with_sgp: bool = False) -> List[Row]:
 
 
 def select_rows(rows: Sequence[Row], only: Sequence[str]) -> List[Row]:
+    """The rows named in `only` (DATASET, ROW or DATASET/ROW names); every name must match one,
+    so a typo is refused instead of silently dropping the row it meant."""
     if not only:
         return list(rows)
-    chosen = [r for r in rows if r.key in only or r.name in only or r.dataset in only]
-    if not chosen:
-        raise ValueError(f"--rows {list(only)} match none of {[r.key for r in rows]}")
-    return chosen
+    unknown = [name for name in only
+               if not any(name in (r.key, r.name, r.dataset) for r in rows)]
+    if unknown:
+        datasets = list(dict.fromkeys(r.dataset for r in rows))
+        names = list(dict.fromkeys(r.name for r in rows))
+        raise ValueError(
+            f"--rows: unknown name(s) {unknown}. Valid names: datasets {datasets}, rows {names}, "
+            f"or DATASET/ROW such as '{rows[0].key}'")
+    return [r for r in rows if r.key in only or r.name in only or r.dataset in only]
 
 
 def output_dir(row: Row, output_root: str) -> str:
@@ -121,7 +134,8 @@ def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int
     elif resume:
         args.append("--resume")
     if launcher == "torchrun":
-        return [_short(sys.executable), "-m", "torch.distributed.run",
+        # --standalone: a free rendezvous port, so rows running side by side do not collide
+        return [_short(sys.executable), "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={num_gpus}", _short(TRAIN_NET), *args, *tail]
     if num_gpus > 1:
         args += ["--num-gpus", str(num_gpus)]
@@ -129,8 +143,7 @@ def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int
 
 
 def iterations_of(row: Row, opts: Sequence[str]) -> int:
-    cfg = load_config(row.config, ["MODEL.DEVICE", "cpu", *opts] if "MODEL.DEVICE" not in opts
-                      else list(opts))
+    cfg = load_config(row.config, [*opts, "MODEL.DEVICE", "cpu"])  # only counts: any machine
     per_epoch = cfg.SOLVER.ITERS_PER_EPOCH
     if per_epoch <= 0:
         syn = cfg.DATASETS.SYNTHETIC
@@ -139,49 +152,127 @@ def iterations_of(row: Row, opts: Sequence[str]) -> int:
     return cfg.SOLVER.MAX_EPOCH * per_epoch
 
 
-def measure_seconds_per_iteration(row: Row, opts: Sequence[str], device: str,
-                                  probe_batch: int = 4, steps: int = 2) -> float:
-    """Time a few training steps of the row's model on this machine at a small batch, scaled to
-    the configured batch (linear in the batch: an estimate, labelled as one)."""
+WARMUP_STEPS = 2  # untimed steps first: allocator, cuDNN autotuning, lazy initialisation
+MEASURED_STEPS = 7  # the median of 7 ignores up to 3 steps slowed by other processes
+
+
+def median_step_seconds(run_step: Callable[[], object], warmup: int = WARMUP_STEPS,
+                        steps: int = MEASURED_STEPS, clock: Callable[[], float] = time.perf_counter,
+                        synchronize: Callable[[], object] = lambda: None) -> float:
+    """Median wall time (s) of `steps` calls of `run_step` after `warmup` untimed ones.
+
+    The median, not the fastest: on a shared machine the fastest of two steps of the same R50
+    estimate swung 5.5x (246 vs 44.7 s/it); a median of several steps is stable to a few percent.
+    `synchronize` waits for queued GPU work, so each sample is the step's real time.
+    """
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"median_step_seconds needs warmup >= 0 and steps >= 1, got {warmup}, {steps}")
+    for _ in range(warmup):
+        run_step()
+    synchronize()
+    samples = []
+    for _ in range(steps):
+        start = clock()
+        run_step()
+        synchronize()
+        samples.append(clock() - start)
+    return statistics.median(samples)
+
+
+def synthetic_batch(cfg, batch_size: int) -> dict:
+    """A fixed random batch of the config's training size: P identities x K images, as the
+    sampler gives (K = DATALOADER.NUM_INSTANCE, at least 2 identities)."""
     import torch
+
+    height, width = cfg.INPUT.SIZE_TRAIN
+    per_id = max(1, min(cfg.DATALOADER.NUM_INSTANCE, batch_size // 2))
+    generator = torch.Generator().manual_seed(0)
+    device = cfg.MODEL.DEVICE
+    return {"images": (torch.rand(batch_size, 3, height, width, generator=generator) * 255).to(device),
+            "targets": (torch.arange(batch_size) // per_id).to(device),
+            "camids": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+
+def fixed_batch_train_step(cfg, batch_size: int):
+    """The trainer's own step (Trainer.build_model / build_optimizer / build_train_step, so the
+    L2 penalty, SGP, AT and AMP are the ones training runs) fed one fixed batch forever: what an
+    iteration costs without data loading. MODEL.HEADS.NUM_CLASSES must cover the batch's ids."""
+    from adaptive_l2.trainer import Trainer, resolve_amp
+
+    cfg = resolve_amp(cfg)
+    model = Trainer.build_model(cfg)
+    optimizer, _ = Trainer.build_optimizer(cfg, model)
+    step = Trainer.build_train_step(cfg, model, itertools.repeat(synthetic_batch(cfg, batch_size)),
+                                    optimizer)
+    step.iter = 0
+    return step
+
+
+def device_synchronizer(device: str) -> Callable[[], None]:
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_train_step(step, device: str, warmup: int = WARMUP_STEPS,
+                    steps: int = MEASURED_STEPS) -> float:
+    """Median seconds of the step (`median_step_seconds`) inside the event storage it logs to."""
     from fastreid.utils.events import EventStorage
 
-    from adaptive_l2.optim import build_optimizer
-    from adaptive_l2.trainer import Trainer
+    with EventStorage(0):
+        return median_step_seconds(step.run_step, warmup, steps,
+                                   synchronize=device_synchronizer(device))
 
+
+def machine_description(device: str) -> str:
+    """Where a timing was taken: GPU name, or CPU model, cores and torch's threads."""
+    import torch
+
+    threads = f"torch threads {torch.get_num_threads()}"
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        return f"GPU {name} ({torch.cuda.device_count()} visible), {threads}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores, {threads}"
+
+
+def probe_batch_size(cfg, device: str) -> int:
+    """The configured batch on a GPU; 4 images on a CPU (an R152 batch of 64 takes minutes there)."""
+    return cfg.SOLVER.IMS_PER_BATCH if str(device).startswith("cuda") else 4
+
+
+def measure_seconds_per_iteration(row: Row, opts: Sequence[str], device: str,
+                                  warmup: int = WARMUP_STEPS, steps: int = MEASURED_STEPS) -> float:
+    """Seconds per training iteration of the row on this machine: the trainer's step, median of
+    `steps` after `warmup`, at the probe batch, scaled linearly to the configured batch."""
     cfg = load_config(row.config, [*opts, "MODEL.DEVICE", device, "MODEL.BACKBONE.PRETRAIN",
                                    "False", "MODEL.HEADS.NUM_CLASSES", "8"])
-    model = Trainer.build_model(cfg)
-    optimizer, _ = build_optimizer(cfg, model)
-    height, width = cfg.INPUT.SIZE_TRAIN
-    batch = {"images": torch.rand(probe_batch, 3, height, width, device=device) * 255,
-             "targets": torch.arange(probe_batch, device=device) % (probe_batch // 2)}
-    amp = cfg.SOLVER.AMP.ENABLED and device.startswith("cuda")
-    times = []
-    with EventStorage(0):
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            with torch.autocast("cuda", enabled=amp):
-                loss = sum(model(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    per_image = min(times[1:]) / probe_batch
-    factor = 1.0
-    if cfg.MODEL.REG.AT.ENABLED:
-        # clean + adversarial batch and the attack's passes: fitted to benchmarks/bench_sgp.py's
-        # measured step ratios (FGSM 3.97x, PGD-3 5.27x on R50)
-        factor = 3.3 + 0.65 * cfg.MODEL.REG.AT.STEPS
-    return per_image * cfg.SOLVER.IMS_PER_BATCH * factor
+    batch = probe_batch_size(cfg, device)
+    seconds = time_train_step(fixed_batch_train_step(cfg, batch), device, warmup, steps)
+    return seconds / batch * cfg.SOLVER.IMS_PER_BATCH
 
 
 def dry_run(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gpus: int,
-            launcher: str, device: str, measure: bool = True) -> str:
+            launcher: str, device: str, measure: bool = True, gpus: str = "",
+            warmup: int = WARMUP_STEPS, steps: int = MEASURED_STEPS) -> str:
     cache: Dict[tuple, float] = {}
     lines = []
+    slots = gpu_slots(gpus, num_gpus) if gpus else []
+    if slots:
+        opts = [*opts, "MODEL.DEVICE", "cuda"]
+        lines.append(f"# rows run side by side, one per GPU slot {slots} (CUDA_VISIBLE_DEVICES "
+                     "per row); a dagger row starts after its R152 row")
+    if measure:
+        lines.append(f"# cost: the trainer's step, median of {steps} steps after {warmup} warm-up, "
+                     f"on {machine_description(device)}")
     for row in rows:
         directory = output_dir(row, output_root)
         status = row_status(directory)
@@ -192,11 +283,12 @@ def dry_run(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gpus
         if row.evaluates:
             cost = f"  evaluation of {row.dataset}/{row.evaluates}'s final model (run that first)"
         elif measure:
-            cfg = load_config(row.config, ["MODEL.DEVICE", "cpu", *opts])
+            cfg = load_config(row.config, [*opts, "MODEL.DEVICE", "cpu"])
             key = (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.DEPTH,
-                   tuple(cfg.INPUT.SIZE_TRAIN), cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.REG.AT.ENABLED)
+                   tuple(cfg.INPUT.SIZE_TRAIN), cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.REG.AT.ENABLED,
+                   cfg.MODEL.REG.AT.STEPS, cfg.MODEL.REG.SGP.ENABLED, cfg.MODEL.REG.ADAPTIVE)
             if key not in cache:
-                cache[key] = measure_seconds_per_iteration(row, opts, device)
+                cache[key] = measure_seconds_per_iteration(row, opts, device, warmup, steps)
             seconds = cache[key] * iterations / max(1, num_gpus)
             cost = (f"  ~{iterations} it x {cache[key]:.2f} s/it on this {device} "
                     f"= {seconds / 3600:.1f} h (estimate{' / ' + str(num_gpus) + ' GPUs' if num_gpus > 1 else ''})")
@@ -204,27 +296,122 @@ def dry_run(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gpus
     return "\n".join(lines)
 
 
+def gpu_slots(gpus: str, per_row: int) -> List[str]:
+    """'0,1,2,3' with 1 GPU per row -> ['0', '1', '2', '3']; with 2 -> ['0,1', '2,3']."""
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or any(not g.isdigit() for g in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus must list distinct GPU indices such as 0,1,2,3, got '{gpus}'")
+    if per_row < 1 or len(ids) % per_row:
+        raise ValueError(f"--gpus {gpus} ({len(ids)} GPUs) cannot be split into rows of "
+                         f"--num-gpus {per_row}")
+    return [",".join(ids[i:i + per_row]) for i in range(0, len(ids), per_row)]
+
+
+@dataclass
+class _Running:
+    row: Row
+    process: subprocess.Popen
+    slot: Optional[str]
+    started: float
+    log_file: Optional[object]
+
+
+def _row_ready(row: Row, pending: Sequence[Row], running: Sequence[_Running]) -> bool:
+    """A dagger row waits until the row whose model it evaluates has finished."""
+    if not row.evaluates:
+        return True
+    base_key = f"{row.dataset}/{row.evaluates}"
+    waiting = [r.key for r in pending] + [r.row.key for r in running]
+    return base_key not in waiting
+
+
 def run_suite(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gpus: int,
-              launcher: str, log=print) -> None:
-    for row in rows:
-        directory = output_dir(row, output_root)
-        status = row_status(directory)
-        if status == "done":
-            log(f"[reproduce] {row.key}: finished before, kept")
-            continue
-        if row.evaluates and not os.path.isfile(evaluated_checkpoint(row, output_root)):
-            raise RuntimeError(f"row {row.key} evaluates {row.dataset}/{row.evaluates}, which has "
-                               "not finished: run that row first")
-        command = train_command(row, output_root, opts, num_gpus, launcher,
-                                resume=status == "interrupted")
-        log(f"[reproduce] {row.key}: {'resuming' if status == 'interrupted' else 'training'}\n"
-            f"  {shlex.join(command)}")
-        start = time.perf_counter()
-        result = subprocess.run(command, cwd=REPO)
-        if result.returncode != 0:
-            raise RuntimeError(f"row {row.key} failed (exit {result.returncode}); its log is in "
-                               f"{directory}/log.txt. Run the same command again to resume.")
-        log(f"[reproduce] {row.key}: done in {time.perf_counter() - start:.0f} s")
+              launcher: str, log=print, gpus: str = "",
+              start_process: Callable[..., subprocess.Popen] = subprocess.Popen,
+              poll_seconds: float = 0.5) -> List[str]:
+    """Train (or, for a dagger row, evaluate) every row not finished yet; returns the keys run.
+
+    Without `gpus`, one row at a time, its output on this console. With `gpus` ('0,1,2,3'), one
+    row per slot of `num_gpus` GPUs side by side (CUDA_VISIBLE_DEVICES per child, MODEL.DEVICE
+    cuda: the paper's single-GPU protocol), each child's output in its OUTPUT_DIR/console.txt.
+    A failed row is reported and the others go on; RuntimeError at the end names the failures.
+    `start_process` (subprocess.Popen's signature) is the seam the tests use.
+    """
+    slots: List[Optional[str]] = gpu_slots(gpus, num_gpus) if gpus else [None]
+    row_opts = [*opts, "MODEL.DEVICE", "cuda"] if gpus else list(opts)
+    pending = list(rows)
+    running: List[_Running] = []
+    failures: Dict[str, str] = {}
+    ran: List[str] = []
+    try:
+        while pending or running:
+            for job in [j for j in running if j.process.poll() is not None]:
+                running.remove(job)
+                _finish(job, output_root, failures, log)
+            for row in list(pending):
+                free = [s for s in slots if s not in {j.slot for j in running}]
+                if not free:
+                    break
+                if not _row_ready(row, pending, running):
+                    continue
+                pending.remove(row)
+                job = _start_row(row, output_root, row_opts, num_gpus, launcher, free[0], failures,
+                                 log, start_process)
+                if job is not None:
+                    running.append(job)
+                    ran.append(row.key)
+            if running:
+                time.sleep(poll_seconds)
+    finally:
+        for job in running:  # interrupted (Ctrl-C or an error here): stop our children
+            job.process.terminate()
+    if failures:
+        raise RuntimeError("rows failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items())
+                           + ". Run the same command again to resume them.")
+    return ran
+
+
+def _start_row(row: Row, output_root: str, opts: Sequence[str], num_gpus: int, launcher: str,
+               slot: Optional[str], failures: Dict[str, str], log,
+               start_process: Callable[..., subprocess.Popen]) -> Optional[_Running]:
+    directory = output_dir(row, output_root)
+    status = row_status(directory)
+    if status == "done":
+        log(f"[reproduce] {row.key}: finished before, kept")
+        return None
+    if row.evaluates and not os.path.isfile(evaluated_checkpoint(row, output_root)):
+        failures[row.key] = (f"evaluates {row.dataset}/{row.evaluates}, which has not finished: "
+                             "run that row first")
+        log(f"[reproduce] {row.key}: FAILED, {failures[row.key]}")
+        return None
+    command = train_command(row, output_root, opts, num_gpus, launcher,
+                            resume=status == "interrupted")
+    env = dict(os.environ)
+    log_file = None
+    where = ""
+    if slot is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot
+        os.makedirs(directory, exist_ok=True)
+        log_file = open(os.path.join(directory, CONSOLE_FILE), "a")
+        where = f" on GPU {slot} (console: {_short(os.path.join(directory, CONSOLE_FILE))})"
+    action = "evaluating" if row.evaluates else ("resuming" if status == "interrupted" else "training")
+    log(f"[reproduce] {row.key}: {action}{where}\n  {shlex.join(command)}")
+    process = start_process(command, cwd=REPO, env=env, stdout=log_file,
+                            stderr=subprocess.STDOUT if log_file else None)
+    return _Running(row, process, slot, time.perf_counter(), log_file)
+
+
+def _finish(job: _Running, output_root: str, failures: Dict[str, str], log) -> None:
+    if job.log_file is not None:
+        job.log_file.close()
+    seconds = time.perf_counter() - job.started
+    code = job.process.returncode
+    if code == 0:
+        log(f"[reproduce] {job.row.key}: done in {seconds:.0f} s")
+        return
+    directory = _short(output_dir(job.row, output_root))
+    failures[job.row.key] = f"exit {code} after {seconds:.0f} s, log in {directory}/log.txt"
+    log(f"[reproduce] {job.row.key}: FAILED ({failures[job.row.key]}); the other rows go on")
 
 
 def read_history(directory: str) -> List[dict]:
