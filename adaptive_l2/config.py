@@ -77,6 +77,9 @@ def add_reg_config(cfg: CN) -> CN:
     from adaptive_l2.modeling.two_branch import add_two_branch_config
 
     add_two_branch_config(cfg)
+
+    # k-reciprocal re-ranking (TEST.RERANK.ENABLED, K1, K2, LAMBDA are fast-reid's keys).
+    cfg.TEST.RERANK.VARIANT = "fastreid"  # "fastreid" (fast-reid's) or "original" (Zhong et al.'s, the paper's)
     return cfg
 
 
