@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
-__all__ = ["VARIANTS", "jaccard_distance", "rerank_distance"]
+__all__ = ["VARIANTS", "evaluator_rerank_distance", "jaccard_distance", "rerank_distance"]
 
 VARIANTS = ("fastreid", "original")
 
@@ -142,6 +142,40 @@ def rerank_distance(
                          f"gallery), got {features.size(0)}")
     return _rerank(features, "fastreid", k1, k2, expected[0], _check_block_rows(block_rows),
                    use_faiss=features.device.type == "cpu", base=base, lambda_value=lambda_value)
+
+
+def evaluator_rerank_distance(
+    query_features: torch.Tensor,
+    gallery_features: torch.Tensor,
+    metric: str,
+    metric_distance: Callable[[torch.Tensor, torch.Tensor, str], np.ndarray],
+    variant: str = "fastreid",
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> np.ndarray:
+    """The distance fast-reid's `ReidEvaluator` ranks by with TEST.RERANK, in either variant.
+
+    "fastreid" keeps the evaluator's recipe: `metric_distance(query, gallery, metric)` (fast-reid's
+    `build_dist`) as the base, Jaccard on the features L2-normalized for the cosine metric.
+    "original" re-ranks cosine distances only, as the paper did; another metric is refused
+    rather than silently ignored.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"TEST.RERANK.VARIANT must be one of {VARIANTS}, got {variant!r}")
+    if variant == "original":
+        if metric != "cosine":
+            raise ValueError(f"TEST.RERANK.VARIANT 'original' re-ranks cosine distances; "
+                             f"TEST.METRIC is {metric!r}: set TEST.METRIC cosine")
+        return rerank_distance(query_features, gallery_features, None, k1, k2, lambda_value,
+                               variant="original")
+    base = np.ascontiguousarray(metric_distance(query_features, gallery_features, metric),
+                                dtype=np.float32)
+    if metric == "cosine":
+        query_features = F.normalize(query_features, dim=1)
+        gallery_features = F.normalize(gallery_features, dim=1)
+    return rerank_distance(query_features, gallery_features, base, k1, k2, lambda_value,
+                           variant="fastreid", overwrite_original=True)
 
 
 def _check_features(features: torch.Tensor) -> None:
