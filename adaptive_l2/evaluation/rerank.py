@@ -14,7 +14,8 @@ Two variants of the algorithm are in use, and they give different numbers:
 fast-reid's implementations are dense: two N x N float32 matrices (N = query + gallery) filled
 row by row in Python, 35 GB each at MSMT17 size. Here nothing is N x N:
 
-1. one blocked pass finds each sample's nearest neighbours (`block_rows` x N distances at a time,
+1. one blocked pass finds each sample's nearest neighbours (`block_rows` x `block_rows` distances
+   at a time, each block above the diagonal used for its rows and, transposed, for its columns,
    in torch on the features' device, CUDA included) and keeps a table of their distances; for
    the original variant it also takes each row's maximum and writes the scaled query x gallery
    distances. The fastreid variant on the CPU uses fast-reid's own faiss search instead, so its
@@ -29,6 +30,7 @@ Floating-point results agree with the dense references to rounding (sums in anot
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -47,8 +49,8 @@ VARIANTS = ("fastreid", "original")
 # fault per 4 KiB on first touch, which made the steps several times slower on a 2-core VM.
 _GATHER_ELEMENTS = 1 << 21  # neighbour-of-neighbour rank tables, gathered feature rows
 _PAIR_ELEMENTS = 1 << 20  # (row, row, min) triplets and the dense slab of one Jaccard block
-# Distances per block of the neighbour pass (64 MiB of float32): big enough for an efficient
-# matrix product, small enough that the block never approaches N x N.
+# Distances per block of the neighbour pass (64 MiB of float32, 4096 x 4096): big enough for an
+# efficient matrix product, small enough that the block never approaches N x N.
 _BLOCK_ELEMENTS = 1 << 24
 # The neighbour pass keeps this many times the widest window it needs: nearly every member of an
 # expanded set is then in the table, and only the rest is gathered from the features.
@@ -274,46 +276,83 @@ def _knn_ranks(features: np.ndarray, k: int) -> np.ndarray:
 
 
 def _distance_block(features: torch.Tensor, sq_norm: torch.Tensor, start: int, stop: int,
-                    variant: str) -> torch.Tensor:
-    """Distances of rows start..stop to all N samples: 1 - cos ("original", normalized features)
-    or the squared Euclidean distance ("fastreid", formed as |x|^2 + |y|^2 - 2 x.y like fast-reid).
+                    col_start: int, col_stop: int, variant: str) -> torch.Tensor:
+    """Distances of rows start..stop to rows col_start..col_stop: 1 - cos ("original", normalized
+    features) or the squared Euclidean distance ("fastreid", |x|^2 + |y|^2 - 2 x.y like fast-reid).
     """
-    block = features[start:stop] @ features.T
+    block = features[start:stop] @ features[col_start:col_stop].T
     if variant == "original":
         return block.neg_().add_(1.0)
-    return block.mul_(-2.0).add_(sq_norm[None, :]).add_(sq_norm[start:stop, None])
+    return (block.mul_(-2.0).add_(sq_norm[None, col_start:col_stop])
+            .add_(sq_norm[start:stop, None]))
 
 
 def _neighbour_pass(features: torch.Tensor, sq_norm: torch.Tensor, width: int, variant: str,
                     block_rows: Optional[int], num_query: Optional[int],
                     scaled: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One pass over row blocks on the features' device: each row's `width` nearest (self
+    """One pass over square blocks on the features' device: each row's `width` nearest (self
     included, nearest first) and their distances; for "original" also each row's maximum squared
     distance (= its column's: the distances are symmetric) and, into `scaled`, the query x gallery
-    distances squared and divided by it. No N x N array: a block is `block_rows` x N.
+    distances squared and divided by it. No N x N array: a block is `block_rows` x `block_rows`.
+
+    The distances are symmetric, so each block above the diagonal serves its rows and, transposed,
+    its columns' rows: half the matrix products of a row-by-row pass. Each row keeps a running
+    top-`width`, merged block by block.
     """
     num = features.size(0)
-    step = block_rows or max(1, _BLOCK_ELEMENTS // num)
-    ranks = np.empty((num, width), dtype=np.int64)
-    table = np.empty((num, width), dtype=np.float32)
-    row_max = np.empty(num, dtype=np.float32)
+    step = block_rows or max(1, math.isqrt(_BLOCK_ELEMENTS))
+    device = features.device
+    best = torch.full((num, width), float("inf"), device=device)
+    best_index = torch.zeros((num, width), dtype=torch.int64, device=device)
+    row_max = torch.zeros(num, device=device)
+    original = variant == "original"
     with torch.no_grad():
         for start in range(0, num, step):
             stop = min(start + step, num)
-            dist = _distance_block(features, sq_norm, start, stop, variant)
-            nearest = torch.topk(dist, width, dim=1, largest=False, sorted=True)
-            ranks[start:stop] = nearest.indices.cpu().numpy()
-            table[start:stop] = nearest.values.cpu().numpy()
-            if variant != "original":
-                continue
-            low, high = torch.aminmax(dist, dim=1)  # max of the square: either end
-            block_max = torch.maximum(low * low, high * high)
-            row_max[start:stop] = block_max.cpu().numpy()
-            if scaled is not None and start < num_query:
-                end = min(stop, num_query)
-                gallery = dist[: end - start, num_query:]
-                scaled[start:end] = (gallery * gallery / block_max[: end - start, None]).cpu().numpy()
-    return ranks, table, row_max
+            for col_start in range(start, num, step):
+                col_stop = min(col_start + step, num)
+                dist = _distance_block(features, sq_norm, start, stop, col_start, col_stop, variant)
+                _merge_nearest(best, best_index, start, dist, col_start, width)
+                if col_start != start:
+                    _merge_nearest(best, best_index, col_start, dist.T, start, width)
+                if not original:
+                    continue
+                square = dist * dist
+                row_max[start:stop] = torch.maximum(row_max[start:stop], square.amax(dim=1))
+                row_max[col_start:col_stop] = torch.maximum(row_max[col_start:col_stop],
+                                                            square.amax(dim=0))
+                if scaled is not None:
+                    _write_query_gallery(scaled, square, start, col_start, num_query)
+                    if col_start != start:
+                        _write_query_gallery(scaled, square.T, col_start, start, num_query)
+    row_max_cpu = row_max.cpu().numpy()
+    if scaled is not None:
+        scaled /= row_max_cpu[:num_query, None]
+    return best_index.cpu().numpy(), best.cpu().numpy(), row_max_cpu
+
+
+def _merge_nearest(best: torch.Tensor, best_index: torch.Tensor, row_start: int,
+                   dist: torch.Tensor, col_start: int, width: int) -> None:
+    """Merge a block's nearest columns into the running top-`width` of its rows, in place."""
+    rows = slice(row_start, row_start + dist.size(0))
+    nearest = torch.topk(dist, min(width, dist.size(1)), dim=1, largest=False)
+    values = torch.cat((best[rows], nearest.values), dim=1)
+    indices = torch.cat((best_index[rows], nearest.indices + col_start), dim=1)
+    merged = torch.topk(values, width, dim=1, largest=False, sorted=True)
+    best[rows] = merged.values
+    best_index[rows] = torch.gather(indices, 1, merged.indices)
+
+
+def _write_query_gallery(scaled: np.ndarray, square: torch.Tensor, row_start: int,
+                         col_start: int, num_query: int) -> None:
+    """Copy the query-row x gallery-column part of a block of squared distances into `scaled`."""
+    row_stop = min(row_start + square.size(0), num_query)
+    col_from = max(col_start, num_query)
+    col_stop = col_start + square.size(1)
+    if row_start >= row_stop or col_from >= col_stop:
+        return
+    part = square[: row_stop - row_start, col_from - col_start :]
+    scaled[row_start:row_stop, col_from - num_query : col_stop - num_query] = part.cpu().numpy()
 
 
 def _support_distances(support: sp.csr_matrix, table: Optional[Tuple[np.ndarray, np.ndarray]],
