@@ -260,7 +260,9 @@ def test_original_variant_equals_both_dense_references(num, num_query, dim, k1, 
                                                        seed):
     features, _ = clustered(num, dim, seed, scale=scale)
     query, gallery = features[:num_query], features[num_query:]
+    given = features.clone()
     got = rerank_distance(query, gallery, k1=k1, k2=k2, lambda_value=lam, variant="original")
+    assert torch.equal(features, given)  # the caller's features are not normalized in place
     bundled = fastreid_bundled_original(query, gallery, k1, k2, lam)
     dense = dense_original(query, gallery, k1, k2, lam)
     assert got.dtype == np.float32 and got.shape == bundled.shape == (num_query, num - num_query)

@@ -134,7 +134,9 @@ def rerank_distance(
         if expected[0] < 1 or expected[1] < 1:
             raise ValueError(f"need at least one query and one gallery sample, got {expected}")
         base = np.empty(expected, dtype=np.float32)  # filled with the scaled distances
-        return _rerank(F.normalize(features, dim=1), "original", k1, k2, expected[0],
+        # `features` is our own concatenated copy: normalize it in place (saves N x dim floats).
+        features.div_(features.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+        return _rerank(features, "original", k1, k2, expected[0],
                        _check_block_rows(block_rows), base=base, lambda_value=lambda_value)
     if original_dist is None:
         raise ValueError("variant 'fastreid' needs original_dist (the evaluator's distance)")
