@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
+import contextvars
 import logging
 import sys
 import types
@@ -173,8 +174,9 @@ def patch_jaccard_search_device() -> None:
 
     `fastreid.utils.compute_dist.build_dist(..., metric="jaccard")` hard-codes
     `search_option=0` (faiss GPU resources, `features.cuda()`), so `TEST.RERANK.ENABLED` crashes on
-    a CPU machine or with the faiss CPU build. We route it to the project's re-ranking, which picks
-    the faiss GPU path only when CUDA and faiss GPU are both present.
+    a CPU machine or with the faiss CPU build, and that path fills two dense N x N matrices (35 GB
+    each at MSMT17 size). We route it to the project's sparse re-ranking: faiss CPU search for CPU
+    features, a blocked torch pass on the device of others.
     """
     import fastreid.utils.compute_dist as compute_dist
 
@@ -193,6 +195,74 @@ def patch_jaccard_search_device() -> None:
 
     reid_evaluation.build_dist = build_dist
     APPLIED.append("jaccard_on_cpu")
+
+
+# The re-ranked distance `ReidEvaluator.evaluate` is computing, while it runs (see below).
+_EVALUATOR_RERANK: contextvars.ContextVar = contextvars.ContextVar("evaluator_rerank",
+                                                                   default=None)
+
+
+def patch_evaluator_rerank() -> None:
+    """Re-rank in fast-reid's evaluator in the configured variant, on the features' device.
+
+    fast-reid's `ReidEvaluator.process` copies every feature batch to the CPU, so re-ranking never
+    saw CUDA features (a faiss GPU build changed nothing), and `evaluate` always combines
+    fast-reid's variant. With TEST.RERANK.ENABLED, `process` keeps the features on their device
+    (one process without AQE: AQE's host code needs CPU tensors, and several processes gather
+    pickled CPU tensors) and `evaluate` re-ranks on the device the features came from. The host's
+    `evaluate` then runs on a copy of the config with re-ranking off, while its one `build_dist`
+    call returns the re-ranked distance of TEST.RERANK.VARIANT; the caller's config is untouched.
+    """
+    import fastreid.evaluation.reid_evaluation as reid_evaluation
+    from fastreid.utils import comm
+
+    from adaptive_l2.evaluation.rerank import evaluator_rerank_distance
+
+    evaluator = reid_evaluation.ReidEvaluator
+    host_process, host_evaluate = evaluator.process, evaluator.evaluate
+    metric_distance = reid_evaluation.build_dist
+
+    def process(self, inputs, outputs):
+        self._feature_device = outputs.device
+        rerank = self.cfg.TEST.RERANK.ENABLED
+        if not (rerank and not self.cfg.TEST.AQE.ENABLED and comm.get_world_size() == 1):
+            return host_process(self, inputs, outputs)
+        host_process(self, inputs, torch.empty(0))  # ids to the CPU, as the host does
+        self._predictions[-1]["feats"] = outputs.to(torch.float32)
+
+    def evaluate(self):
+        settings = self.cfg.TEST.RERANK
+        if not settings.ENABLED:
+            return host_evaluate(self)
+        device = getattr(self, "_feature_device", torch.device("cpu"))
+
+        def reranked(query, gallery, metric):
+            return evaluator_rerank_distance(
+                query.to(device), gallery.to(device), metric, metric_distance,
+                variant=settings.get("VARIANT", "fastreid"), k1=settings.K1, k2=settings.K2,
+                lambda_value=settings.LAMBDA,
+            )
+
+        host_cfg = self.cfg
+        self.cfg = host_cfg.clone()
+        self.cfg.defrost()
+        self.cfg.TEST.RERANK.ENABLED = False
+        token = _EVALUATOR_RERANK.set(reranked)
+        try:
+            return host_evaluate(self)
+        finally:
+            _EVALUATOR_RERANK.reset(token)
+            self.cfg = host_cfg
+
+    def build_dist(feat_1, feat_2, metric="euclidean", **kwargs):
+        reranked = _EVALUATOR_RERANK.get()
+        if reranked is None or metric == "jaccard":
+            return metric_distance(feat_1, feat_2, metric, **kwargs)
+        return reranked(feat_1, feat_2, metric)
+
+    evaluator.process, evaluator.evaluate = process, evaluate
+    reid_evaluation.build_dist = build_dist
+    APPLIED.append("evaluator_rerank_on_feature_device")
 
 
 def patch_rank_evaluator_compile() -> None:
@@ -550,4 +620,5 @@ def apply_all() -> None:
     patch_baseline_targets_without_sync()
     patch_deferred_tensor_scalars()
     patch_dataset_file_names()
+    patch_evaluator_rerank()  # after it: wraps its build_dist
     _done = True

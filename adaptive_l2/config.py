@@ -96,10 +96,15 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.MODEL.BACKBONE.NORM_EPS = -1.0  # epsilon of the backbone's BN; < 0: the host's (1e-5)
     cfg.MODEL.BACKBONE.STRIDE_IN_1X1 = False  # True: bottleneck stride on the 1x1 conv (ResNet v1)
     cfg.MODEL.PIXEL_FORMAT = "RGB"  # "BGR": channels flipped before PIXEL_MEAN / PIXEL_STD apply
+
     # Reliability: stop a diverging run instead of reporting its garbage as a result.
     cfg.SOLVER.DIVERGENCE = CN({"ENABLED": True})  # stop on a non-finite or exploding total loss
     cfg.SOLVER.DIVERGENCE.FACTOR = 100.0  # stop when the loss exceeds FACTOR x its early value
     cfg.SOLVER.DIVERGENCE.EARLY_ITERS = 10  # early value: smallest loss of the run's first N iters
+
+    # k-reciprocal re-ranking (TEST.RERANK.ENABLED, K1, K2, LAMBDA are fast-reid's keys).
+    # "fastreid" (fast-reid's) or "original" (Zhong et al.'s code as the paper ran it)
+    cfg.TEST.RERANK.VARIANT = "fastreid"
     return cfg
 
 

@@ -1,4 +1,5 @@
-"""k-reciprocal re-ranking on CPU: fast-reid's CPU-path numbers, usable by its evaluator."""
+"""k-reciprocal re-ranking: fast-reid's variant (its CPU-path numbers) and the original one
+(Zhong et al.'s code), sparse and blocked, wired into fast-reid's evaluator."""
 import adaptive_l2  # noqa: F401  (first: fast-reid compatibility patches)
 
 import numpy as np
@@ -130,13 +131,16 @@ def _reid_split(seed=12, num_ids=40, dim=64):
     )
 
 
-def _evaluate(feats, pids, camids, num_query, rerank):
+def _evaluate(feats, pids, camids, num_query, rerank, **overrides):
     from fastreid.config import get_cfg
     from fastreid.evaluation.reid_evaluation import ReidEvaluator
 
-    cfg = get_cfg()
+    from adaptive_l2.config import add_reg_config
+
+    cfg = add_reg_config(get_cfg())
     cfg.TEST.METRIC = "cosine"
     cfg.TEST.RERANK.ENABLED = rerank
+    cfg.merge_from_list([item for pair in overrides.items() for item in pair])
     evaluator = ReidEvaluator(cfg, num_query)
     for batch in torch.split(torch.arange(pids.numel()), 64):  # batches, as in inference
         evaluator.process({"targets": pids[batch], "camids": camids[batch]}, feats[batch])
@@ -183,3 +187,244 @@ def test_query_by_gallery_block_equals_the_slice_of_the_full_matrix():
         block = jaccard_distance(features, k1=8, k2=3, num_query=num_query)
         assert block.shape == (num_query, 120 - num_query)
         assert np.array_equal(block, full[:num_query, num_query:])
+
+
+# ---- The original variant (Zhong et al.'s code, as the paper ran it) ------------------------
+
+
+def cosine_distance(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return 1 - a @ b.T
+
+
+def fastreid_bundled_original(query, gallery, k1, k2, lam):
+    """fast-reid's bundled copy of Zhong et al.'s dense code, on float64 cosine distances."""
+    from fastreid.evaluation.rerank import re_ranking
+
+    q, g = query.double().numpy(), gallery.double().numpy()
+    return re_ranking(cosine_distance(q, g), cosine_distance(q, q), cosine_distance(g, g),
+                      k1=k1, k2=k2, lambda_value=lam)
+
+
+def dense_original(query, gallery, k1, k2, lam):
+    """Independent dense re-implementation, written from the algorithm's description."""
+    feats = np.concatenate((query.double().numpy(), gallery.double().numpy()))
+    squared = cosine_distance(feats, feats) ** 2
+    # Each column divided by its maximum, then transposed as the code does: row i scaled by the
+    # maximum of its own distances (the matrix is symmetric).
+    scaled = (squared / squared.max(axis=0, keepdims=True)).T
+    order = np.argsort(scaled, axis=1, kind="stable")
+    num, num_query = feats.shape[0], query.shape[0]
+
+    def reciprocal(i, k):
+        return {j for j in order[i, : k + 1] if i in order[j, : k + 1]}
+
+    weights = np.zeros((num, num))
+    for i in range(num):
+        own = reciprocal(i, k1)
+        expanded = set(own)
+        for candidate in own:
+            theirs = reciprocal(candidate, round(k1 / 2))
+            if len(theirs & own) > 2 / 3 * len(theirs):
+                expanded |= theirs
+        members = sorted(expanded)
+        kernel = np.exp(-scaled[i, members])
+        weights[i, members] = kernel / kernel.sum()
+    if k2 != 1:
+        weights = np.stack([weights[order[i, :k2]].mean(axis=0) for i in range(num)])
+    shared = np.stack([np.minimum(weights[i], weights).sum(axis=1) for i in range(num_query)])
+    jaccard = 1 - shared / (2 - shared)
+    return ((1 - lam) * jaccard + lam * scaled[:num_query])[:, num_query:]
+
+
+def assert_same_ranking(got, expected, tie=1e-6):
+    """Each query's gallery order by `got` is the order by `expected`, except swaps of items
+    whose expected distances are within `tie` (float32 rounding of near-equal distances)."""
+    ordered = np.take_along_axis(expected, np.argsort(got, axis=1, kind="stable"), axis=1)
+    assert (np.diff(ordered, axis=1) >= -tie).all()
+    same = np.argsort(got, axis=1, kind="stable") == np.argsort(expected, axis=1, kind="stable")
+    assert same.mean() > 0.99
+
+
+@pytest.mark.parametrize(
+    "num, num_query, dim, k1, k2, lam, scale, seed",
+    [
+        (300, 60, 32, 20, 6, 0.3, 1.0, 20),  # the paper's settings
+        (240, 40, 16, 7, 1, 0.5, 3.0, 21),  # odd k1 (round(3.5) = 4), no query expansion, scale
+        (200, 50, 24, 5, 12, 0.1, 0.2, 22),  # k2 > k1 + 1: expansion over more than the k1 table
+        (120, 30, 16, 20, 6, 0.0, 1.0, 23),  # lambda 0: Jaccard alone
+    ],
+)
+def test_original_variant_equals_both_dense_references(num, num_query, dim, k1, k2, lam, scale,
+                                                       seed):
+    features, _ = clustered(num, dim, seed, scale=scale)
+    query, gallery = features[:num_query], features[num_query:]
+    given = features.clone()
+    got = rerank_distance(query, gallery, k1=k1, k2=k2, lambda_value=lam, variant="original")
+    assert torch.equal(features, given)  # the caller's features are not normalized in place
+    bundled = fastreid_bundled_original(query, gallery, k1, k2, lam)
+    dense = dense_original(query, gallery, k1, k2, lam)
+    assert got.dtype == np.float32 and got.shape == bundled.shape == (num_query, num - num_query)
+    assert np.abs(bundled - dense).max() <= TOLERANCE  # the two references agree
+    assert np.abs(got - bundled).max() <= TOLERANCE
+    assert np.abs(got - dense).max() <= TOLERANCE
+    assert_same_ranking(got, bundled)
+    assert_same_ranking(got, dense)
+
+
+def test_the_two_variants_give_different_distances():
+    features, _ = clustered(300, 32, 24)
+    query, gallery = F.normalize(features[:60], dim=1), F.normalize(features[60:], dim=1)
+    original = rerank_distance(query, gallery, variant="original")
+    fastreid = rerank_distance(query, gallery, compute_cosine_distance(query, gallery))
+    assert np.abs(original - fastreid).mean() > 0.05
+
+
+@pytest.mark.parametrize("variant", ["original", "fastreid"])
+def test_blocked_equals_unblocked(variant):
+    features, _ = clustered(260, 32, 25)
+    query, gallery = features[:50], features[50:]
+    base = None if variant == "original" else compute_cosine_distance(query, gallery)
+    results = [rerank_distance(query, gallery, base, variant=variant, block_rows=rows)
+               for rows in (260, 1, 7, 64)]
+    if variant == "fastreid":  # the torch pass instead of faiss, blocked and not
+        results += [jaccard_distance(features, 20, 6, num_query=50, block_rows=rows,
+                                     search="torch") * 0.7 + base * 0.3 for rows in (260, 9)]
+    for result in results[1:]:
+        assert np.abs(result - results[0]).max() <= 1e-6
+        assert_same_ranking(result, results[0])
+
+
+def test_torch_search_equals_fastreid_cpu_path():
+    """The blocked torch pass (the path CUDA features take) gives fast-reid's CPU numbers."""
+    for seed, scale in ((26, 1.0), (27, 3.0)):
+        features, _ = clustered(300, 48, seed, scale=scale)
+        expected = fastreid_cpu(features, 20, 6)
+        got = jaccard_distance(features, 20, 6, block_rows=41, search="torch")
+        assert np.abs(got - expected).max() <= TOLERANCE
+        np.testing.assert_array_equal(got < 1 - 1e-4, expected < 1 - 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["original", "fastreid"])
+def test_no_n_by_n_allocation(variant, monkeypatch):
+    """Distance blocks are block_rows x block_rows, and numpy never holds even a quarter of an N x N
+    float32 array (the block-size constants are shrunk so that they do not dominate at this N)."""
+    import tracemalloc
+
+    from adaptive_l2.evaluation import rerank
+
+    num, num_query = 4000, 100
+    features, _ = clustered(num, 16, 28)
+    shapes = []
+    host_block = rerank._distance_block
+
+    def recording_block(*args, **kwargs):
+        block = host_block(*args, **kwargs)
+        shapes.append(tuple(block.shape))
+        return block
+
+    monkeypatch.setattr(rerank, "_distance_block", recording_block)
+    monkeypatch.setattr(rerank, "_GATHER_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(rerank, "_PAIR_ELEMENTS", 1 << 16)
+    tracemalloc.start()
+    try:
+        if variant == "original":
+            result = rerank.rerank_distance(features[:num_query], features[num_query:], k1=10,
+                                            k2=4, variant="original", block_rows=256)
+        else:  # the torch pass, which CUDA features take
+            result = rerank.jaccard_distance(features, 10, 4, num_query=num_query,
+                                             block_rows=256, search="torch")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.shape == (num_query, num - num_query)
+    assert result.min() < 0.9  # neighbours were found: a real run
+    blocks = -(-num // 256)  # the blocks on and above the diagonal
+    assert len(shapes) == blocks * (blocks + 1) // 2
+    assert all(rows <= 256 and cols <= 256 for rows, cols in shapes)
+    assert peak < num * num, f"numpy peak {peak / 2**20:.1f} MiB"
+
+
+# ---- Evaluator wiring ---------------------------------------------------------------------
+
+
+def test_fastreid_evaluator_reranks_in_the_original_variant():
+    feats, pids, camids, num_query = _reid_split()
+    cfg_overrides = {"TEST.RERANK.VARIANT": "original"}
+    reranked = _evaluate(feats, pids, camids, num_query, rerank=True, **cfg_overrides)
+    fastreid_variant = _evaluate(feats, pids, camids, num_query, rerank=True)
+    dist = fastreid_bundled_original(feats[:num_query], feats[num_query:], 20, 6, 0.3)
+    pid, cam = pids.numpy(), camids.numpy()
+    cmc, all_ap, _ = evaluate_rank(
+        dist, pid[:num_query], pid[num_query:], cam[:num_query], cam[num_query:]
+    )
+    assert reranked["mAP"] == pytest.approx(np.mean(all_ap) * 100, abs=1e-4)
+    assert reranked["Rank-1"] == pytest.approx(cmc[0] * 100, abs=1e-4)
+    assert reranked["mAP"] != fastreid_variant["mAP"]
+
+
+def test_evaluator_keeps_features_on_their_device_when_reranking():
+    """The "meta" device stands in for CUDA: fast-reid's own process cannot copy it to the CPU."""
+    from fastreid.config import get_cfg
+    from fastreid.evaluation.reid_evaluation import ReidEvaluator
+
+    cfg = get_cfg()
+    cfg.TEST.RERANK.ENABLED = True
+    evaluator = ReidEvaluator(cfg, 2)
+    ids = {"targets": torch.arange(4), "camids": torch.zeros(4, dtype=torch.int64)}
+    evaluator.process(ids, torch.empty(4, 8, device="meta", dtype=torch.float16))
+    kept = evaluator._predictions[-1]
+    assert kept["feats"].device.type == "meta" and kept["feats"].dtype == torch.float32
+    assert kept["pids"].device.type == "cpu" and kept["camids"].device.type == "cpu"
+    cfg.TEST.AQE.ENABLED = True  # AQE's host code needs CPU tensors: the host's behaviour
+    evaluator.process(ids, torch.ones(4, 8, dtype=torch.float64))
+    assert evaluator._predictions[-1]["feats"].dtype == torch.float32
+
+
+def test_evaluator_leaves_the_callers_config_alone():
+    feats, pids, camids, num_query = _reid_split()
+    from fastreid.config import get_cfg
+    from fastreid.evaluation.reid_evaluation import ReidEvaluator
+
+    cfg = get_cfg()
+    cfg.TEST.RERANK.ENABLED = True
+    cfg.freeze()
+    evaluator = ReidEvaluator(cfg, num_query)
+    evaluator.process({"targets": pids, "camids": camids}, feats)
+    evaluator.evaluate()
+    assert evaluator.cfg is cfg and cfg.TEST.RERANK.ENABLED and cfg.is_frozen()
+
+
+def test_paper_configs_rerank_in_the_original_variant():
+    from conftest import REPO
+
+    from adaptive_l2.cli import load_config
+    from adaptive_l2.config import add_reg_config
+    from fastreid.config import get_cfg
+
+    assert add_reg_config(get_cfg()).TEST.RERANK.VARIANT == "fastreid"  # fast-reid's default
+    dagger = load_config(f"{REPO}/configs/Paper/Market1501/adaptive_l2_R152_rerank.yml",
+                         ["MODEL.DEVICE", "cpu"])
+    assert dagger.TEST.RERANK.ENABLED and dagger.TEST.RERANK.VARIANT == "original"
+
+
+def test_bad_variant_and_metric_are_refused():
+    features, _ = clustered(60, 8, 29)
+    query, gallery = features[:10], features[10:]
+    with pytest.raises(ValueError, match="variant must be one of"):
+        rerank_distance(query, gallery, variant="zhong")
+    with pytest.raises(ValueError, match="original_dist=None"):
+        rerank_distance(query, gallery, np.zeros((10, 50)), variant="original")
+    with pytest.raises(ValueError, match="needs original_dist"):
+        rerank_distance(query, gallery)
+    with pytest.raises(ValueError, match="block_rows"):
+        rerank_distance(query, gallery, variant="original", block_rows=0)
+    with pytest.raises(ValueError, match="search"):
+        jaccard_distance(features, 5, search="gpu")
+    feats, pids, camids, num_query = _reid_split()
+    with pytest.raises(ValueError, match="TEST.RERANK.VARIANT"):
+        _evaluate(feats, pids, camids, num_query, rerank=True, **{"TEST.RERANK.VARIANT": "x"})
+    with pytest.raises(ValueError, match="TEST.METRIC cosine"):
+        _evaluate(feats, pids, camids, num_query, rerank=True,
+                  **{"TEST.RERANK.VARIANT": "original", "TEST.METRIC": "euclidean"})

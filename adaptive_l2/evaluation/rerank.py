@@ -1,59 +1,77 @@
-"""k-reciprocal re-ranking (Zhong et al., CVPR 2017) that runs on CPU in sparse form.
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017), sparse and blocked, on the features' device.
 
-fast-reid's `fastreid.utils.compute_dist.compute_jaccard_distance` builds two dense N x N float32
-matrices (the neighbour weights V and their query expansion) and fills them, and the Jaccard
-distance, row by row in Python loops: at Market-1501 size (N = 19281) that is minutes of CPU and
-several GB. Every row of V has only a few dozen non-zeros, so this module keeps V sparse and
-vectorizes each step, and reproduces fast-reid's result:
+Two variants of the algorithm are in use, and they give different numbers:
 
-* the neighbour ranks come from the same faiss `IndexFlatL2` search (top-k1, self included, ties
-  in faiss's order), so every neighbour set is exactly fast-reid's;
-* the k-reciprocal sets, the 2/3 expansion rule and the k2 query expansion are integer/set
-  operations and are exact;
-* the Gaussian-kernel weights, the query-expansion means and the min-sums are floating point and
-  agree to rounding only (see :func:`jaccard_distance`).
+* ``"original"``: Zhong et al.'s code as the paper ran it (nixingyang/AdaptiveL2Regularization,
+  evaluation/post_processing/re_ranking_ranklist.py; torchreid's `re_ranking` and fast-reid's
+  bundled `fastreid.evaluation.rerank.re_ranking` are the same). Distances are 1 - cos, squared,
+  and divided by the maximum of their row over all query + gallery samples; k-reciprocal sets over
+  the k1 + 1 nearest (self included), expansion sets over round(k1 / 2) + 1; weights
+  exp(-scaled distance); result (1 - lambda) x Jaccard + lambda x scaled distance.
+* ``"fastreid"``: fast-reid's `compute_jaccard_distance` and evaluator: k1 nearest, weights
+  exp(-squared Euclidean distance of the features as given), lambda x the evaluator's distance.
 
-The only dense N x N array is the returned distance matrix.
+fast-reid's implementations are dense: two N x N float32 matrices (N = query + gallery) filled
+row by row in Python, 35 GB each at MSMT17 size. Here nothing is N x N:
+
+1. one blocked pass finds each sample's nearest neighbours (`block_rows` x `block_rows` distances
+   at a time, each block above the diagonal used for its rows and, transposed, for its columns,
+   in torch on the features' device, CUDA included) and keeps a table of their distances; for
+   the original variant it also takes each row's maximum and writes the scaled query x gallery
+   distances. The fastreid variant on the CPU uses fast-reid's own faiss search instead, so its
+   neighbour sets are exactly fast-reid's, tie order included;
+2. the k-reciprocal sets, the 2/3 expansion and the k2 query expansion are integer and sparse
+   operations (CPU, exact);
+3. each expanded set's weights take their distances from the table, or, for the few members
+   outside it, from gathered dot products on the features' device;
+4. the Jaccard distance is summed in row blocks and combined in place with the base distance.
+
+Floating-point results agree with the dense references to rounding (sums in another order).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import math
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
-__all__ = ["jaccard_distance", "rerank_distance"]
+__all__ = ["VARIANTS", "evaluator_rerank_distance", "jaccard_distance", "rerank_distance"]
+
+VARIANTS = ("fastreid", "original")
 
 # Sizes (elements) of the temporary arrays of the vectorized steps. They are kept to a few MB on
 # purpose: arrays of that size are recycled by the allocator, while larger fresh arrays pay a page
 # fault per 4 KiB on first touch, which made the steps several times slower on a 2-core VM.
 _GATHER_ELEMENTS = 1 << 21  # neighbour-of-neighbour rank tables, gathered feature rows
 _PAIR_ELEMENTS = 1 << 20  # (row, row, min) triplets and the dense slab of one Jaccard block
+# Distances per block of the neighbour pass (64 MiB of float32, 4096 x 4096): big enough for an
+# efficient matrix product, small enough that the block never approaches N x N.
+_BLOCK_ELEMENTS = 1 << 24
+# The neighbour pass keeps this many times the widest window it needs: nearly every member of an
+# expanded set is then in the table, and only the rest is gathered from the features.
+_TABLE_FACTOR = 2
 
 
 def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6,
-                     num_query: Optional[int] = None) -> np.ndarray:
-    """Jaccard distance of k-reciprocal neighbour sets; N x N float32, like fast-reid's, or, with
+                     num_query: Optional[int] = None, block_rows: Optional[int] = None,
+                     search: str = "auto") -> np.ndarray:
+    """Jaccard distance of fast-reid's variant; N x N float32, like fast-reid's, or, with
     `num_query` (features = queries then gallery), only the num_query x (N - num_query) block the
     evaluation uses: at MSMT17 size (N = 93820) the full matrix alone would take 35 GB.
 
     Same result as `compute_jaccard_distance(features, k1, k2, search_option=3)` (faiss CPU),
-    several times faster and in less memory: the neighbour sets are identical and the
-    distances agree to float32 rounding (max abs difference about 1e-6 at Market-1501 size).
-    Bitwise equality is impossible: the squared distances, softmax weights, query-expansion means
-    and min-sums are summed in another order, and the sums here are float64 where fast-reid's are
-    float32 (so these are the closer to the exact values).
+    several times faster and in less memory: the neighbour sets are identical and the distances
+    agree to float32 rounding (max abs difference about 1e-6 at Market-1501 size).
 
-    CUDA features go to fast-reid's own faiss GPU path when faiss has GPUs; with a CPU-only faiss,
-    which cannot search CUDA memory, they are copied to the CPU and take the CPU path.
+    `search`: "faiss" (fast-reid's CPU search, CPU features only), "torch" (the blocked pass on the
+    features' device, `block_rows` rows at a time) or "auto" (faiss on the CPU, torch elsewhere).
     """
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if features.dim() != 2:
-        raise ValueError(f"features must be 2-D (N x dim), got shape {tuple(features.shape)}")
+    _check_features(features)
     k1, k2 = _check_ks(k1, k2)
     num = features.size(0)
     if num < k1:
@@ -62,29 +80,41 @@ def jaccard_distance(features: torch.Tensor, k1: int = 20, k2: int = 6,
         )
     if num_query is not None and not 0 < num_query < num:
         raise ValueError(f"num_query must be in 1 .. {num - 1}, got {num_query}")
-    if features.is_cuda and _faiss_has_gpus():
-        from fastreid.utils.compute_dist import compute_jaccard_distance
-
-        full = compute_jaccard_distance(features, k1=k1, k2=k2, search_option=0)
-        return full if num_query is None else full[:num_query, num_query:]
-    feats = features.detach().to("cpu", torch.float32).contiguous().numpy()
-    return _jaccard_distance_cpu(feats, k1, k2, num_query)
+    if search not in ("auto", "faiss", "torch"):
+        raise ValueError(f"search must be 'auto', 'faiss' or 'torch', got {search!r}")
+    on_cpu = features.device.type == "cpu"
+    if search == "faiss" and not on_cpu:
+        raise ValueError(f"search='faiss' needs CPU features, got features on {features.device}")
+    feats = _as_float32(features)
+    return _rerank(feats, "fastreid", k1, k2, num_query, _check_block_rows(block_rows),
+                   use_faiss=search == "faiss" or (search == "auto" and on_cpu))
 
 
 def rerank_distance(
     query_features: ArrayLike,
     gallery_features: ArrayLike,
-    original_dist: ArrayLike,
+    original_dist: Optional[ArrayLike] = None,
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    variant: str = "fastreid",
+    block_rows: Optional[int] = None,
+    overwrite_original: bool = False,
 ) -> np.ndarray:
-    """Re-ranked query x gallery distance, combined exactly as fast-reid's `ReidEvaluator` does.
+    """Re-ranked query x gallery distance (float32), in the chosen variant.
 
-    `jaccard * (1 - lambda_value) + original_dist * lambda_value`, the Jaccard part computed on the
-    concatenated query and gallery features. The features are used as given: for the cosine
-    metric pass them L2-normalized, as the evaluator does before re-ranking.
+    "fastreid": `jaccard * (1 - lambda_value) + original_dist * lambda_value`, exactly fast-reid's
+    `ReidEvaluator` formula, the Jaccard part on the features as given (for the cosine metric pass
+    them L2-normalized, as the evaluator does). `overwrite_original=True` writes the result into
+    `original_dist` (a float32 numpy array) instead of a copy, saving a query x gallery matrix.
+
+    "original": Zhong et al.'s algorithm on the cosine distances of the features (any scale);
+    `original_dist` must be None: the scaled distance is computed in the blocked pass.
+
+    Runs on the query features' device (the gallery is moved there); the sparse steps run on CPU.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     query = torch.as_tensor(query_features)
     gallery = torch.as_tensor(gallery_features)
     if query.dim() != 2 or gallery.dim() != 2 or query.size(1) != gallery.size(1):
@@ -92,20 +122,71 @@ def rerank_distance(
             "query and gallery features must be 2-D with the same dimension, got "
             f"{tuple(query.shape)} and {tuple(gallery.shape)}"
         )
-    original = original_dist
-    if isinstance(original, torch.Tensor):
-        original = original.detach().cpu().numpy()
-    original = np.asarray(original)
-    expected = (query.size(0), gallery.size(0))
-    if original.shape != expected:
-        raise ValueError(f"original_dist must have shape {expected}, got {original.shape}")
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
-    if gallery.device != query.device:
-        gallery = gallery.to(query.device)
-    jaccard = jaccard_distance(torch.cat((query, gallery), dim=0), k1=k1, k2=k2,
-                               num_query=expected[0])
-    return jaccard * (1 - lambda_value) + original * lambda_value
+    k1, k2 = _check_ks(k1, k2)
+    expected = (query.size(0), gallery.size(0))
+    features = _as_float32(torch.cat((query, gallery.to(query.device)), dim=0))
+    if variant == "original":
+        if original_dist is not None:
+            raise ValueError("variant 'original' computes its own scaled cosine distance: "
+                             "pass original_dist=None")
+        if expected[0] < 1 or expected[1] < 1:
+            raise ValueError(f"need at least one query and one gallery sample, got {expected}")
+        base = np.empty(expected, dtype=np.float32)  # filled with the scaled distances
+        # `features` is our own concatenated copy: normalize it in place (saves N x dim floats).
+        features.div_(features.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+        return _rerank(features, "original", k1, k2, expected[0],
+                       _check_block_rows(block_rows), base=base, lambda_value=lambda_value)
+    if original_dist is None:
+        raise ValueError("variant 'fastreid' needs original_dist (the evaluator's distance)")
+    base = _base_distance(original_dist, expected, overwrite_original)
+    if features.size(0) < k1:
+        raise ValueError(f"k-reciprocal re-ranking needs at least k1={k1} samples (query + "
+                         f"gallery), got {features.size(0)}")
+    return _rerank(features, "fastreid", k1, k2, expected[0], _check_block_rows(block_rows),
+                   use_faiss=features.device.type == "cpu", base=base, lambda_value=lambda_value)
+
+
+def evaluator_rerank_distance(
+    query_features: torch.Tensor,
+    gallery_features: torch.Tensor,
+    metric: str,
+    metric_distance: Callable[[torch.Tensor, torch.Tensor, str], np.ndarray],
+    variant: str = "fastreid",
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> np.ndarray:
+    """The distance fast-reid's `ReidEvaluator` ranks by with TEST.RERANK, in either variant.
+
+    "fastreid" keeps the evaluator's recipe: `metric_distance(query, gallery, metric)` (fast-reid's
+    `build_dist`) as the base, Jaccard on the features L2-normalized for the cosine metric.
+    "original" re-ranks cosine distances only, as the paper did; another metric is refused
+    rather than silently ignored.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"TEST.RERANK.VARIANT must be one of {VARIANTS}, got {variant!r}")
+    if variant == "original":
+        if metric != "cosine":
+            raise ValueError(f"TEST.RERANK.VARIANT 'original' re-ranks cosine distances; "
+                             f"TEST.METRIC is {metric!r}: set TEST.METRIC cosine")
+        return rerank_distance(query_features, gallery_features, None, k1, k2, lambda_value,
+                               variant="original")
+    base = np.ascontiguousarray(metric_distance(query_features, gallery_features, metric),
+                                dtype=np.float32)
+    if metric == "cosine":
+        query_features = F.normalize(query_features, dim=1)
+        gallery_features = F.normalize(gallery_features, dim=1)
+    return rerank_distance(query_features, gallery_features, base, k1, k2, lambda_value,
+                           variant="fastreid", overwrite_original=True)
+
+
+def _check_features(features: torch.Tensor) -> None:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 2:
+        raise ValueError(f"features must be 2-D (N x dim), got shape {tuple(features.shape)}")
 
 
 def _check_ks(k1: int, k2: int) -> Tuple[int, int]:
@@ -115,25 +196,73 @@ def _check_ks(k1: int, k2: int) -> Tuple[int, int]:
     return int(k1), int(k2)
 
 
-def _faiss_has_gpus() -> bool:
-    import faiss
+def _check_block_rows(block_rows: Optional[int]) -> Optional[int]:
+    if block_rows is not None and (isinstance(block_rows, bool) or int(block_rows) != block_rows
+                                   or block_rows < 1):
+        raise ValueError(f"block_rows must be a positive integer or None, got {block_rows!r}")
+    return None if block_rows is None else int(block_rows)
 
-    get_num_gpus = getattr(faiss, "get_num_gpus", None)
-    return get_num_gpus is not None and get_num_gpus() > 0
+
+def _as_float32(features: torch.Tensor) -> torch.Tensor:
+    """Detached contiguous float32 copy-or-view on the same device (the caller's is not touched)."""
+    return features.detach().to(torch.float32).contiguous()
 
 
-def _jaccard_distance_cpu(features: np.ndarray, k1: int, k2: int,
-                         num_query: Optional[int] = None) -> np.ndarray:
-    """The sparse pipeline on contiguous float32 features; each step mirrors one of fast-reid's."""
-    num = features.shape[0]
-    ranks = _knn_ranks(features, k1)
-    reciprocal = _k_reciprocal_sets(ranks, k1)
-    half = _k_reciprocal_sets(ranks, int(np.around(k1 / 2)))
-    expanded = _expand(reciprocal, half)
-    weights = _gaussian_weights(features, expanded)
+def _base_distance(original: ArrayLike, shape: Tuple[int, int], overwrite: bool) -> np.ndarray:
+    """The evaluator's distance as a float32 array the result may be written into."""
+    if isinstance(original, torch.Tensor):
+        original = original.detach().cpu().numpy()
+    if not isinstance(original, np.ndarray) or original.shape != shape:
+        raise ValueError(f"original_dist must have shape {shape}, got "
+                         f"{getattr(original, 'shape', type(original).__name__)}")
+    if overwrite:
+        if original.dtype != np.float32 or not original.flags.c_contiguous:
+            raise ValueError("overwrite_original needs a C-contiguous float32 original_dist")
+        return original
+    return np.array(original, dtype=np.float32, order="C")
+
+
+def _rerank(features: torch.Tensor, variant: str, k1: int, k2: int, num_query: Optional[int],
+            block_rows: Optional[int], use_faiss: bool = False,
+            base: Optional[np.ndarray] = None, lambda_value: float = 0.0) -> np.ndarray:
+    """The sparse pipeline. `features`: float32, contiguous, L2-normalized for "original".
+
+    Without `base`: the Jaccard distance (N x N, or the query x gallery block). With `base`
+    (query x gallery, float32, ours to overwrite): (1 - lambda) x Jaccard + lambda x base, where
+    the original variant fills `base` with its scaled distances first.
+    """
+    num = features.size(0)
+    if variant == "fastreid":  # fast-reid's rank table has k1 columns: windows are cut to k1
+        set_width, expansion_width = k1, min(k2, k1)
+    else:
+        set_width, expansion_width = min(k1 + 1, num), min(k2, num)
+    sq_norm = (features * features).sum(dim=1)
+    if use_faiss:
+        ranks = _knn_ranks(features.cpu().numpy(), k1)
+        table, row_max = None, None
+    else:
+        width = min(num, _TABLE_FACTOR * max(set_width, expansion_width))
+        ranks, table_dist, row_max = _neighbour_pass(
+            features, sq_norm, width, variant, block_rows,
+            num_query if variant == "original" else None, base if variant == "original" else None,
+        )
+        table = (ranks, table_dist)
+    set_ranks = ranks[:, :set_width]
+    reciprocal = _k_reciprocal_sets(set_ranks, k1)
+    half = _k_reciprocal_sets(set_ranks, int(np.around(k1 / 2)))
+    support = _expand(reciprocal, half)
+    sq_norm_cpu = sq_norm.cpu().numpy()
+    dist = _support_distances(
+        support, table,
+        lambda rows, cols: _pair_distances(features, sq_norm_cpu, rows, cols, variant),
+    )
+    if variant == "original":  # the original's float32 scaled distance, as its weights' exponent
+        rows = np.repeat(np.arange(num), np.diff(support.indptr))
+        dist = dist * dist / row_max[rows]
+    weights = _row_softmax(support, dist)
     if k2 != 1:
-        weights = _query_expansion(weights, ranks[:, :k2])
-    return _jaccard_from_weights(weights.astype(np.float32), num, num_query)
+        weights = _query_expansion(weights, ranks[:, :expansion_width])
+    return _jaccard_from_weights(weights.astype(np.float32), num, num_query, base, lambda_value)
 
 
 def _knn_ranks(features: np.ndarray, k: int) -> np.ndarray:
@@ -146,6 +275,162 @@ def _knn_ranks(features: np.ndarray, k: int) -> np.ndarray:
     if (ranks < 0).any():
         raise ValueError("faiss found fewer than k1 neighbours; are the features finite?")
     return ranks
+
+
+def _distance_block(features: torch.Tensor, sq_norm: torch.Tensor, start: int, stop: int,
+                    col_start: int, col_stop: int, variant: str) -> torch.Tensor:
+    """Distances of rows start..stop to rows col_start..col_stop: 1 - cos ("original", normalized
+    features) or the squared Euclidean distance ("fastreid", |x|^2 + |y|^2 - 2 x.y like fast-reid).
+    """
+    block = features[start:stop] @ features[col_start:col_stop].T
+    if variant == "original":
+        return block.neg_().add_(1.0)
+    return (block.mul_(-2.0).add_(sq_norm[None, col_start:col_stop])
+            .add_(sq_norm[start:stop, None]))
+
+
+def _neighbour_pass(features: torch.Tensor, sq_norm: torch.Tensor, width: int, variant: str,
+                    block_rows: Optional[int], num_query: Optional[int],
+                    scaled: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over square blocks on the features' device: each row's `width` nearest (self
+    included, nearest first) and their distances; for "original" also each row's maximum squared
+    distance (= its column's: the distances are symmetric) and, into `scaled`, the query x gallery
+    distances squared and divided by it. No N x N array: a block is `block_rows` x `block_rows`.
+
+    The distances are symmetric, so each block above the diagonal serves its rows and, transposed,
+    its columns' rows: half the matrix products of a row-by-row pass. Each row keeps a running
+    top-`width`, merged block by block.
+    """
+    num = features.size(0)
+    step = block_rows or max(1, math.isqrt(_BLOCK_ELEMENTS))
+    device = features.device
+    best = torch.full((num, width), float("inf"), device=device)
+    best_index = torch.zeros((num, width), dtype=torch.int64, device=device)
+    row_max = torch.zeros(num, device=device)
+    original = variant == "original"
+    with torch.no_grad():
+        for start in range(0, num, step):
+            stop = min(start + step, num)
+            for col_start in range(start, num, step):
+                col_stop = min(col_start + step, num)
+                dist = _distance_block(features, sq_norm, start, stop, col_start, col_stop, variant)
+                _merge_nearest(best, best_index, start, dist, col_start, width)
+                if col_start != start:
+                    _merge_nearest(best, best_index, col_start, dist.T, start, width)
+                if not original:
+                    continue
+                square = dist * dist
+                row_max[start:stop] = torch.maximum(row_max[start:stop], square.amax(dim=1))
+                row_max[col_start:col_stop] = torch.maximum(row_max[col_start:col_stop],
+                                                            square.amax(dim=0))
+                if scaled is not None:
+                    _write_query_gallery(scaled, square, start, col_start, num_query)
+                    if col_start != start:
+                        _write_query_gallery(scaled, square.T, col_start, start, num_query)
+    row_max_cpu = row_max.cpu().numpy()
+    if scaled is not None:
+        scaled /= row_max_cpu[:num_query, None]
+    return best_index.cpu().numpy(), best.cpu().numpy(), row_max_cpu
+
+
+def _merge_nearest(best: torch.Tensor, best_index: torch.Tensor, row_start: int,
+                   dist: torch.Tensor, col_start: int, width: int) -> None:
+    """Merge a block's nearest columns into the running top-`width` of its rows, in place."""
+    rows = slice(row_start, row_start + dist.size(0))
+    nearest = torch.topk(dist, min(width, dist.size(1)), dim=1, largest=False)
+    values = torch.cat((best[rows], nearest.values), dim=1)
+    indices = torch.cat((best_index[rows], nearest.indices + col_start), dim=1)
+    merged = torch.topk(values, width, dim=1, largest=False, sorted=True)
+    best[rows] = merged.values
+    best_index[rows] = torch.gather(indices, 1, merged.indices)
+
+
+def _write_query_gallery(scaled: np.ndarray, square: torch.Tensor, row_start: int,
+                         col_start: int, num_query: int) -> None:
+    """Copy the query-row x gallery-column part of a block of squared distances into `scaled`."""
+    row_stop = min(row_start + square.size(0), num_query)
+    col_from = max(col_start, num_query)
+    col_stop = col_start + square.size(1)
+    if row_start >= row_stop or col_from >= col_stop:
+        return
+    part = square[: row_stop - row_start, col_from - col_start :]
+    scaled[row_start:row_stop, col_from - num_query : col_stop - num_query] = part.cpu().numpy()
+
+
+def _support_distances(support: sp.csr_matrix, table: Optional[Tuple[np.ndarray, np.ndarray]],
+                       gather: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Distance of every (row, member) entry of `support`: looked up in the neighbour table where
+    the member is among the row's tabled neighbours, gathered from the features otherwise."""
+    num = support.shape[0]
+    rows = np.repeat(np.arange(num, dtype=np.int64), np.diff(support.indptr))
+    cols = support.indices.astype(np.int64)
+    dist = np.empty(cols.size, dtype=np.float32)
+    missing = np.ones(cols.size, dtype=bool)
+    if table is not None and cols.size:
+        ranks, values = table
+        order = np.argsort(ranks, axis=1)
+        keys = (np.arange(num, dtype=np.int64)[:, None] * num
+                + np.take_along_axis(ranks, order, axis=1)).ravel()  # sorted: rows ascend
+        probe = rows * num + cols
+        pos = np.minimum(np.searchsorted(keys, probe), keys.size - 1)
+        found = keys[pos] == probe
+        dist[found] = np.take_along_axis(values, order, axis=1).ravel()[pos[found]]
+        missing = ~found
+    todo = np.flatnonzero(missing)
+    if todo.size:
+        dist[todo] = gather(rows[todo], cols[todo])
+    return dist
+
+
+def _pair_distances(features: torch.Tensor, sq_norm: np.ndarray, rows: np.ndarray,
+                    cols: np.ndarray, variant: str) -> np.ndarray:
+    """The variant's distance of each (row, col) pair from gathered dot products (float32)."""
+    dot = _pair_dots(features, rows, cols)
+    if variant == "original":
+        return 1 - dot
+    return sq_norm[rows] + sq_norm[cols] - 2 * dot
+
+
+def _pair_dots(features: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """x_r . x_c for each pair, in chunks of reused buffers, on the features' device.
+
+    On the CPU, single-threaded numpy gathers: torch's intra-op threads only slowed these small
+    ops down, badly so when other processes share the cores.
+    """
+    dim = features.size(1)
+    step = max(1, _GATHER_ELEMENTS // dim)
+    dots = np.empty(rows.size, dtype=np.float32)
+    if features.device.type == "cpu":
+        feats = features.numpy()
+        left = np.empty((step, dim), dtype=np.float32)
+        right = np.empty((step, dim), dtype=np.float32)
+        for start in range(0, rows.size, step):
+            r, c = rows[start : start + step], cols[start : start + step]
+            np.take(feats, r, axis=0, out=left[: r.size])
+            np.take(feats, c, axis=0, out=right[: r.size])
+            dots[start : start + r.size] = np.einsum("ij,ij->i", left[: r.size], right[: r.size])
+        return dots
+    with torch.no_grad():
+        for start in range(0, rows.size, step):
+            r = torch.from_numpy(rows[start : start + step]).to(features.device)
+            c = torch.from_numpy(cols[start : start + step]).to(features.device)
+            dots[start : start + r.numel()] = (features[r] * features[c]).sum(dim=1).cpu().numpy()
+    return dots
+
+
+def _row_softmax(support: sp.csr_matrix, dist: np.ndarray) -> sp.csr_matrix:
+    """Row-normalized exp(-distance) over each expanded set (fast-reid's softmax), in float64."""
+    num = support.shape[0]
+    lengths = np.diff(support.indptr)
+    rows = np.repeat(np.arange(num), lengths)
+    logits = dist.astype(np.float64)
+    row_min = np.zeros(num)
+    nonempty = lengths > 0
+    if logits.size:
+        row_min[nonempty] = np.minimum.reduceat(logits, support.indptr[:-1][nonempty])
+    weight = np.exp(row_min[rows] - logits)
+    weight /= np.bincount(rows, weights=weight, minlength=num)[rows]
+    return sp.csr_matrix((weight, support.indices, support.indptr), shape=(num, num))
 
 
 def _k_reciprocal_sets(ranks: np.ndarray, k: int) -> sp.csr_matrix:
@@ -212,41 +497,6 @@ def _expand(reciprocal: sp.csr_matrix, half: sp.csr_matrix) -> sp.csr_matrix:
     return _bool_csr(rows, cols, num)
 
 
-def _gaussian_weights(features: np.ndarray, support: sp.csr_matrix) -> sp.csr_matrix:
-    """Row-normalized exp(-squared distance) over each expanded set (fast-reid's softmax), float64.
-
-    Squared distances are formed like fast-reid's, |x|^2 + |y|^2 - 2 x.y in float32, so they carry
-    the same cancellation; the softmax is then taken in float64.
-    """
-    num, dim = features.shape
-    lengths = np.diff(support.indptr)
-    rows = np.repeat(np.arange(num), lengths)
-    cols = support.indices
-    sq_norm = np.einsum("ij,ij->i", features, features)
-    dist = np.empty(cols.size, dtype=np.float32)
-    # Single-threaded numpy gathers into reused buffers: torch's intra-op threads only slowed
-    # these small ops down, badly so when other processes share the cores.
-    step = max(1, _GATHER_ELEMENTS // dim)
-    left = np.empty((step, dim), dtype=np.float32)
-    right = np.empty((step, dim), dtype=np.float32)
-    for start in range(0, cols.size, step):
-        r, c = rows[start : start + step], cols[start : start + step]
-        size = r.size
-        np.take(features, r, axis=0, out=left[:size])
-        np.take(features, c, axis=0, out=right[:size])
-        dot = np.einsum("ij,ij->i", left[:size], right[:size])
-        dist[start : start + size] = sq_norm[r] + sq_norm[c] - 2 * dot
-    # Softmax of -dist within each row: subtract the row minimum, exponentiate, normalize.
-    logits = dist.astype(np.float64)
-    row_min = np.zeros(num)
-    nonempty = lengths > 0
-    if logits.size:
-        row_min[nonempty] = np.minimum.reduceat(logits, support.indptr[:-1][nonempty])
-    weight = np.exp(row_min[rows] - logits)
-    weight /= np.bincount(rows, weights=weight, minlength=num)[rows]
-    return sp.csr_matrix((weight, support.indices, support.indptr), shape=(num, num))
-
-
 def _query_expansion(weights: sp.csr_matrix, neighbours: np.ndarray) -> sp.csr_matrix:
     """Each row replaced by the mean of the rows of its k2 nearest neighbours (self included)."""
     num, width = neighbours.shape
@@ -259,9 +509,13 @@ def _query_expansion(weights: sp.csr_matrix, neighbours: np.ndarray) -> sp.csr_m
     return expanded
 
 
-def _jaccard_from_weights(weights: sp.csr_matrix, num: int,
-                          num_query: Optional[int] = None) -> np.ndarray:
+def _jaccard_from_weights(weights: sp.csr_matrix, num: int, num_query: Optional[int] = None,
+                          base: Optional[np.ndarray] = None,
+                          lambda_value: float = 0.0) -> np.ndarray:
     """1 - m / (2 - m), m[i, j] = sum_c min(V[i, c], V[j, c]), clipped at 0, as fast-reid's.
+
+    With `base` (query x gallery float32, overwritten), returns it holding
+    Jaccard * (1 - lambda) + base * lambda, in float32 as fast-reid's evaluator computes it.
 
     m is symmetric (fast-reid's too, bitwise: both sums run over the same columns in the same
     order), so only j >= i is summed and each value is written to (i, j) and (j, i). For a block
@@ -286,7 +540,12 @@ def _jaccard_from_weights(weights: sp.csr_matrix, num: int,
     # Only the query x gallery block: pairs (i, j), i <= j, with i < num_query <= j, so the rows
     # from num_query on contribute nothing and are not visited.
     block = num_query is not None
-    out = np.ones((num_query, num - num_query) if block else (num, num), dtype=np.float32)
+    if base is not None:
+        out = base
+        weight = np.float32(lambda_value)
+        jaccard_weight = np.float32(1 - lambda_value)
+    else:
+        out = np.ones((num_query, num - num_query) if block else (num, num), dtype=np.float32)
     stop = num_query if block else num
     row = 0
     while row < stop:
@@ -306,7 +565,15 @@ def _jaccard_from_weights(weights: sp.csr_matrix, num: int,
         j += row
         if block:
             keep = (j >= num_query) & (i < num_query)
-            out[i[keep], j[keep] - num_query] = dist[keep]
+            query, gallery = i[keep], j[keep] - num_query
+            if base is None:
+                out[query, gallery] = dist[keep]
+            else:  # Jaccard 1 where nothing is shared, its value at the hits
+                at_hits = out[query, gallery]
+                rows = out[row:block_end]
+                rows *= weight
+                rows += jaccard_weight
+                out[query, gallery] = dist[keep] * jaccard_weight + at_hits * weight
         else:
             out[i, j] = dist
             out[j, i] = dist
