@@ -43,6 +43,39 @@ _READ_ERRORS = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFi
                 KeyError, UnicodeDecodeError, OSError, AttributeError, TypeError, IndexError)
 
 
+class RandomStreams:
+    """The process's global random streams (python, NumPy, torch CPU) as a checkpointable.
+
+    The project's own randomness is keyed (per-sample augmentation seeds, SGP / AT streams per
+    iteration, samplers by batch number), so nothing it draws depends on these; they are saved so
+    that code of the user's that draws from them resumes where it stopped too. Checkpoints are
+    written by the main process: its streams are restored there; other processes keep theirs."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        # plain types and tensors only: torch.load reads checkpoints with weights_only
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        return {"python": random.getstate(), "torch": torch.get_rng_state(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position),
+                          int(has_gauss), float(gauss)]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+        from fastreid.utils import comm
+
+        if not comm.is_main_process():
+            return
+        random.setstate(state["python"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+
+
 class CheckpointReadError(ValueError):
     """A checkpoint file that torch.load cannot read: torn, empty, or not a checkpoint."""
 

@@ -28,7 +28,7 @@ from fastreid.utils.events import get_event_storage
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from adaptive_l2.checkpoint import SafeCheckpointer
+from adaptive_l2.checkpoint import RandomStreams, SafeCheckpointer
 from adaptive_l2.compat import put_deferred_scalars
 from adaptive_l2.config import check_config
 from adaptive_l2.data.build import build_test_loader, build_train_loader, train_sampler_of
@@ -41,6 +41,7 @@ from adaptive_l2.optim import build_optimizer
 from adaptive_l2.regularizers.l2 import attach_l2_penalty, find_l2_penalty
 from adaptive_l2.sgp import (AdversarialTraining, FeatureGradientPerturbation,
                              ParameterGradientPerturbation, model_device)
+from adaptive_l2.sgp.perturbation import iteration_seed
 from adaptive_l2.solver import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class TrainStep(SimpleTrainer):
                  adversarial_generator: Optional[torch.Generator] = None,
                  feature_noise: Optional[FeatureGradientPerturbation] = None,
                  parameter_noise: Optional[ParameterGradientPerturbation] = None,
-                 sgp_start_iter: int = 0):
+                 sgp_start_iter: int = 0, adversarial_seed: int = 0):
         super().__init__(model, data_loader, optimizer, param_wrapper=None)
         self.amp = amp
         # autocast and the scaler follow the model's device (not a hard-coded "cuda")
@@ -75,6 +76,7 @@ class TrainStep(SimpleTrainer):
         self.feature_noise = feature_noise
         self.parameter_noise = parameter_noise
         self.sgp_start_iter = sgp_start_iter
+        self.adversarial_seed = adversarial_seed
 
     def compute_losses(self, data):
         if self.adversarial is not None:
@@ -85,6 +87,7 @@ class TrainStep(SimpleTrainer):
     def run_step(self):
         assert self.model.training, "[TrainStep] model was changed to eval mode!"
         sgp_on = self.iter >= self.sgp_start_iter
+        self._key_random_streams(self.iter)
         if self.feature_noise is not None:
             self.feature_noise.set_enabled(sgp_on)
         start = time.perf_counter()
@@ -110,6 +113,16 @@ class TrainStep(SimpleTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+    def _key_random_streams(self, iteration: int) -> None:
+        """SGP's noise and AT's random starts come from streams keyed by the iteration: a run
+        resumed at any iteration draws exactly what the uninterrupted run drew there."""
+        for noise in (self.feature_noise, self.parameter_noise):
+            if noise is not None:
+                noise.start_iteration(iteration)
+        if self.adversarial_generator is not None:
+            self.adversarial_generator.manual_seed(
+                iteration_seed(self.adversarial_seed, iteration))
 
     def _write_metrics(self, loss_dict: Dict[str, torch.Tensor], data_time: float) -> None:
         """fast-reid's metrics (data_time, total_loss, each loss) without its per-step syncs.
@@ -262,6 +275,7 @@ class Trainer(DefaultTrainer):
                 f"({len(data_loader.dataset)} images): no full batch per epoch")
         self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
         checkpointables = dict(self.scheduler)
+        checkpointables["random_streams"] = RandomStreams()
         if self._trainer.grad_scaler is not None:
             checkpointables["grad_scaler"] = self._trainer.grad_scaler
         self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR,
@@ -295,8 +309,7 @@ class Trainer(DefaultTrainer):
         if reg.AT.ENABLED:
             adversarial = AdversarialTraining(eps=reg.AT.EPS, steps=reg.AT.STEPS,
                                               adv_weight=reg.AT.WEIGHT)
-            generator = torch.Generator(device=device)
-            generator.manual_seed(reg.AT.SEED + comm.get_rank())
+            generator = torch.Generator(device=device)  # keyed by the iteration in the step
         if reg.SGP.ENABLED:
             logger.info("SGP (reconstructed from the abstract): mode %s, alpha %g, noise %s",
                         reg.SGP.MODE, reg.SGP.ALPHA, reg.SGP.NOISE)
@@ -310,7 +323,8 @@ class Trainer(DefaultTrainer):
         return cls.train_step_class(
             model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED, adversarial=adversarial,
             adversarial_generator=generator, feature_noise=feature_noise,
-            parameter_noise=parameter_noise, sgp_start_iter=reg.SGP.START_ITER)
+            parameter_noise=parameter_noise, sgp_start_iter=reg.SGP.START_ITER,
+            adversarial_seed=reg.AT.SEED + comm.get_rank())
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer, iters_per_epoch):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -128,20 +129,36 @@ def _flat_tensors(output: object) -> List[Tensor]:
     return []
 
 
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The seed of a random stream at one training iteration: a stream keyed by the iteration
+    needs no saved state, so a resumed run draws what the uninterrupted one drew."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(iteration)])
+    return int(state.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 class _GeneratorPool:
-    """One ``torch.Generator`` per device, each seeded with ``seed`` when first needed."""
+    """One ``torch.Generator`` per device, each seeded with ``seed`` when first needed, and
+    re-seeded at each iteration by :meth:`start_iteration`."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
+        self._current_seed = self.seed
         self._generators: Dict[str, torch.Generator] = {}
         self._pending_states: Dict[str, Tensor] = {}
+
+    def start_iteration(self, iteration: int) -> None:
+        """Key every stream by (seed, iteration) from now on."""
+        self._current_seed = iteration_seed(self.seed, iteration)
+        self._pending_states.clear()
+        for generator in self._generators.values():
+            generator.manual_seed(self._current_seed)
 
     def get(self, device: torch.device) -> torch.Generator:
         key = str(device)
         generator = self._generators.get(key)
         if generator is None:
             generator = torch.Generator(device=device)
-            generator.manual_seed(self.seed)
+            generator.manual_seed(self._current_seed)
             if key in self._pending_states:
                 generator.set_state(self._pending_states.pop(key))
             self._generators[key] = generator
@@ -253,6 +270,10 @@ class FeatureGradientPerturbation:
     def relative_perturbations(self) -> Dict[str, float]:
         """The last relative perturbation per site output (``site`` or ``site[i]`` for tuples)."""
         return {key: float(value) for key, value in self._relative.items()}
+
+    def start_iteration(self, iteration: int) -> None:
+        """Draw this iteration's noise from a stream keyed by (seed, iteration)."""
+        self._generators.start_iteration(iteration)
 
     def state_dict(self) -> Dict[str, object]:
         """The generators' state, to resume a run with the same noise stream."""
@@ -397,6 +418,10 @@ class ParameterGradientPerturbation:
     def last_relative_perturbation_tensor(self) -> Optional[Tensor]:
         """The same as a 0-d tensor on the device, for logging without waiting for it."""
         return self._relative
+
+    def start_iteration(self, iteration: int) -> None:
+        """Draw this iteration's noise from a stream keyed by (seed, iteration)."""
+        self._generators.start_iteration(iteration)
 
     def state_dict(self) -> Dict[str, object]:
         """The generators' state, to resume a run with the same noise stream."""
