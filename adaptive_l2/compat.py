@@ -125,19 +125,21 @@ def patch_removed_std_names() -> None:
         APPLIED.append("collections_mapping_alias")
 
 
-_batches_on_cuda: Optional[bool] = None  # set by `batches_on` while the project builds loaders
+_batches_on: Optional[torch.device] = None  # set by `batches_on` while the project builds loaders
 
 
 @contextlib.contextmanager
 def batches_on(device: str):
-    """Loaders built inside deliver their batches for `device` (a config's MODEL.DEVICE)."""
-    global _batches_on_cuda
-    previous = _batches_on_cuda
-    _batches_on_cuda = str(device).startswith("cuda")
+    """Loaders built inside deliver their batches to `device` (a config's MODEL.DEVICE):
+    `cuda:N` to GPU N, `cuda` to the process's GPU (`cuda:local_rank`), anything else stays on
+    the CPU for the model to move."""
+    global _batches_on
+    previous = _batches_on
+    _batches_on = torch.device(device)
     try:
         yield
     finally:
-        _batches_on_cuda = previous
+        _batches_on = previous
 
 
 def patch_dataloader_cuda_stream() -> None:
@@ -154,15 +156,16 @@ def patch_dataloader_cuda_stream() -> None:
     import fastreid.data.build as data_build
     import fastreid.data.data_utils as data_utils
 
-    host_loader = data_utils.DataLoaderX
-
     class DeviceAwareDataLoader(DataLoader):
         """`DataLoaderX` where CUDA exists, a plain DataLoader elsewhere."""
 
         def __new__(cls, local_rank: int, **kwargs):
-            on_cuda = torch.cuda.is_available() if _batches_on_cuda is None else _batches_on_cuda
+            on_cuda = torch.cuda.is_available() if _batches_on is None else \
+                _batches_on.type == "cuda"
             if on_cuda and torch.cuda.is_available():
-                return host_loader(local_rank, **kwargs)
+                # the host sends batches to cuda:local_rank; MODEL.DEVICE cuda:N means GPU N
+                index = _batches_on.index if _batches_on is not None else None
+                return data_utils.DataLoaderX(local_rank if index is None else index, **kwargs)
             return DataLoader(**kwargs)
 
     data_build.DataLoaderX = DeviceAwareDataLoader

@@ -185,6 +185,17 @@ def resolve_amp(cfg):
     return cfg
 
 
+def check_device_for_processes(cfg) -> None:
+    """`MODEL.DEVICE cuda:N` names one GPU: right for one process, ambiguous for several (each
+    process trains on `cuda:local_rank` with `MODEL.DEVICE cuda`)."""
+    index = torch.device(cfg.MODEL.DEVICE).index
+    if comm.get_world_size() > 1 and index is not None:
+        raise ValueError(
+            f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but {comm.get_world_size()} processes train: "
+            "each would use that one device. Set MODEL.DEVICE cuda (process r uses cuda:r of its "
+            "machine), or choose GPUs with CUDA_VISIBLE_DEVICES.")
+
+
 def wrap_distributed(model, cfg):
     """DDP with rank 0's buffers (BN statistics) broadcast at every forward: fast-reid turns that
     off, and then each rank evaluates its share of the test set with its own statistics while the
@@ -258,6 +269,7 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
             setup_logger()
         check_config(cfg)
+        check_device_for_processes(cfg)
         cfg = resolve_amp(cfg)
         data_loader = self.build_train_loader(cfg)
         cfg = self.auto_scale_hyperparams(cfg, data_loader.dataset.num_classes)
