@@ -35,15 +35,16 @@ def with_layer_freeze(optimizer_class: Type[torch.optim.Optimizer]) -> Type[torc
 
     class OptimizerWithLayerFreeze(optimizer_class):
         freeze_active = False
-        # called once at the start of every step (after GradScaler's unscale): the L2 penalty's
-        # weight gradient. Not a torch step pre-hook: torch runs those once per wrapped class in
-        # the step chain, twice here if a plain optimizer of the base class was created before.
+        # called with the optimizer once at the start of every step (after GradScaler's unscale):
+        # the L2 penalty's weight gradient. Not a torch step pre-hook: torch runs those once per
+        # wrapped class in the step chain, twice here if a plain optimizer of the base class was
+        # created before.
         before_step = None
 
         @torch.no_grad()
         def step(self, closure=None):
             if self.before_step is not None:
-                self.before_step()
+                self.before_step(self)
             if not self.freeze_active:
                 return super().step(closure)
             held = []
@@ -134,6 +135,8 @@ def build_optimizer(cfg, model: nn.Module) -> Tuple[torch.optim.Optimizer, None]
     optimizer = optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
     penalty = find_l2_penalty(model)
     if penalty is not None:
-        # the penalty's weight gradient, added once the data gradients are final (see regularizers.l2)
+        # the penalty's weight gradient, added in one fused pass once the data gradients are final
+        # instead of by autograd (see regularizers.l2); the claim makes it count once
+        penalty.claim_weight_gradient(optimizer)
         optimizer.before_step = penalty.add_weight_gradients
     return optimizer, None
