@@ -170,7 +170,7 @@ def test_one_theta_per_trainable_tensor(dataset_root, tmp_path, extra):
     assert len(penalty.thetas) == len(others) > 50
     with EventStorage(0):
         losses = model({"images": torch.rand(8, 3, 96, 32) * 255, "targets": torch.arange(8) % 2})
-    assert "loss_adaptive_l2" in losses and float(losses["loss_adaptive_l2"]) > 0
+    assert "loss_adaptive_l2" in losses and float(losses["loss_adaptive_l2"].detach()) > 0
     model.eval()
     with torch.no_grad():
         feats = model({"images": torch.rand(2, 3, 96, 32) * 255})
