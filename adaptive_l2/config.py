@@ -77,6 +77,11 @@ def add_reg_config(cfg: CN) -> CN:
     from adaptive_l2.modeling.two_branch import add_two_branch_config
 
     add_two_branch_config(cfg)
+
+    # L2 penalty, decoupled variant (applied as AdamW applies its weight decay).
+    # True: each step W_n *= 1 - lr * 2 * lambda_n (lr of W_n's group) outside the optimizer's
+    # normalisation; the thetas still learn from the penalty's value. False: the paper's coupled term.
+    cfg.MODEL.REG.DECOUPLED = False
     return cfg
 
 

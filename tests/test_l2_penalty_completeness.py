@@ -182,3 +182,72 @@ def test_stock_default_trainer_refuses_an_l2_term(dataset_root, tmp_path):
             UsersTrainer.build_model(cfg)
     plain = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4")
     assert not hasattr(DefaultTrainer.build_model(plain), "l2_penalty")  # no term: as before
+
+
+def _decoupled_model(dataset_root, tmp_path, optimizer_name, lr, decoupled):
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.ADAPTIVE",
+                   "True", "MODEL.REG.DECOUPLED", str(decoupled), "SOLVER.OPT", optimizer_name,
+                   "SOLVER.BASE_LR", str(lr), "SOLVER.MOMENTUM", "0.0",
+                   "SOLVER.BIAS_LR_FACTOR", "1.0", "SOLVER.HEADS_LR_FACTOR", "1.0")
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg)
+    with torch.no_grad():
+        for index, theta in enumerate(model.l2_penalty.thetas):
+            theta.fill_(THETAS[index % len(THETAS)])
+    optimizer, _ = build_optimizer(cfg, model)
+    return model, optimizer
+
+
+def test_decoupled_adam_step_moves_each_tensor_by_lr_2_lambda_w(dataset_root, tmp_path):
+    lr = 0.01
+    runs = {}
+    for decoupled in (True, False):
+        model, optimizer = _decoupled_model(dataset_root, tmp_path, "Adam", lr, decoupled)
+        penalty = model.l2_penalty
+        before = [w.detach().clone() for w in penalty._weights]
+        factors = penalty.factors().tolist()
+        thetas_before = penalty.theta_vector().detach().clone()
+        optimizer.zero_grad()
+        penalty.penalty().backward()
+        optimizer.step()
+        runs[decoupled] = [w.detach().clone() for w in penalty._weights]
+        if decoupled:
+            assert any(f > 0 for f in factors) and any(f == 0 for f in factors)
+            for weight, old, factor in zip(penalty._weights, before, factors):
+                want = old.double() - lr * 2 * factor * old.double()  # exact, up to fp32 rounding
+                assert torch.allclose(weight.detach().double(), want, rtol=1e-6, atol=1e-12)
+            # the thetas still learn from the value: Adam's first step moves them by ~lr
+            moved = (thetas_before - penalty.theta_vector().detach()).abs()
+            nonzero = torch.tensor([bool(w.abs().sum() > 0) for w in before])  # BN shifts start at 0
+            learns = (thetas_before > -2.5) & (thetas_before < 2.5) & nonzero
+            assert learns.sum() > 10
+            assert torch.all(moved[learns] > 0.5 * lr) and torch.all(moved[~learns] == 0)
+    differ = [not torch.allclose(a, b) for a, b in zip(runs[True], runs[False])]
+    assert sum(differ) > len(differ) // 2  # Adam normalizes the coupled term: not the same
+
+
+def test_decoupled_equals_coupled_with_plain_sgd(dataset_root, tmp_path):
+    from fastreid.utils.events import EventStorage
+
+    gen = torch.Generator().manual_seed(0)
+    batch = {"images": torch.rand(8, 3, 64, 32, generator=gen) * 255,
+             "targets": torch.arange(8) % 2}
+    results = []
+    for decoupled in (True, False):
+        model, optimizer = _decoupled_model(dataset_root, tmp_path, "SGD", 0.1, decoupled)
+        with EventStorage(0):
+            loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_decoupled_penalty_refuses_an_optimizer_that_cannot_apply_it():
+    model = Small()
+    penalty = attach_l2_penalty(model, _reg_cfg("MODEL.REG.ADAPTIVE", "True",
+                                                "MODEL.REG.DECOUPLED", "True"))
+    with pytest.raises(RuntimeError, match="MODEL.REG.DECOUPLED"):
+        penalty.penalty()

@@ -123,6 +123,9 @@ class L2PenaltyBase(nn.Module):
         self.entries = [entry for entry, _ in targets]
         self._weights = [param for _, param in targets]
         self._weight_gradient_owner: Optional[weakref.ReferenceType] = None
+        self._index_of = {id(param): index for index, param in enumerate(self._weights)}
+        # True: the weights get no gradient from the value; the owner decays them in its step
+        self.decoupled = False
         # Identifies which tensors the thetas belong to, so a checkpoint of another model is refused.
         # On the weights' device: DDP broadcasts every buffer, and NCCL has no CPU backend.
         self.register_buffer(
@@ -186,6 +189,12 @@ class L2PenaltyBase(nn.Module):
         optimizer has claimed it (no graph edge to each weight then: ~4 us a tensor saved)."""
         if self.weight_gradient_owner is None and torch.is_grad_enabled() and any(
                 w.requires_grad for w in self._weights):
+            if self.decoupled:
+                raise RuntimeError(
+                    "MODEL.REG.DECOUPLED is True: the decay is applied by adaptive_l2's optimizer "
+                    "in its step (adaptive_l2.optim.build_optimizer / adaptive_l2.Trainer), and "
+                    "no such optimizer has claimed this penalty: another optimizer would train "
+                    "without it")
             return _SquaredNormsWithWeightGradient.apply(self, *self._weights)
         return squared_norms(self._weights)
 
@@ -228,6 +237,24 @@ class L2PenaltyBase(nn.Module):
         for dtype, (indices, grads, weights) in self._grouped_gradients().items():
             scales = doubled.to(dtype).unbind()  # 0-d tensors on the device: no host sync
             torch._foreach_addcmul_(grads, weights, [scales[i] for i in indices])
+
+
+    @torch.no_grad()
+    def apply_decoupled_decay(self, owner: object,
+                              groups: Sequence[Tuple[float, Sequence[torch.Tensor]]]) -> None:
+        """W_n -= lr * 2 * lambda_n * W_n, with the lr of W_n's group, for the regularized tensors
+        of `groups` ((lr, params) pairs): the decay outside the optimizer's normalisation, as
+        AdamW's. Run before the optimizer's update (as AdamW), factors on the device."""
+        self._check_owner(owner)
+        doubled = (2.0 * self.factors()).unbind()
+        for lr, params in groups:
+            chosen = [self._index_of[id(p)] for p in params
+                      if id(p) in self._index_of and p.requires_grad]
+            if not chosen:
+                continue
+            weights = [self._weights[i] for i in chosen]
+            shrink = torch._foreach_mul([doubled[i] for i in chosen], -lr)
+            torch._foreach_addcmul_(weights, weights, shrink)
 
 
 class AdaptiveL2Penalty(L2PenaltyBase):
@@ -324,6 +351,7 @@ def attach_l2_penalty(model: nn.Module, cfg) -> Optional[L2PenaltyBase]:
         penalty = AdaptiveL2Penalty(targets, amplitudes_from_config(reg))
     else:
         penalty = ConventionalL2Penalty(targets, reg.CONVENTIONAL.FACTOR)
+    penalty.decoupled = bool(reg.DECOUPLED)
     model.add_module(PENALTY_ATTRIBUTE, penalty)
     model.register_forward_hook(_add_penalty_to_losses)
     logger.info("%s on %d tensors", type(penalty).__name__, len(penalty.entries))
