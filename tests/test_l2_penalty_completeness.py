@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_cfg
-from torch import nn
+from test_adaptive_l2 import Owner, Small
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -15,14 +15,6 @@ from adaptive_l2.regularizers.l2 import attach_l2_penalty, hard_sigmoid_keras
 from adaptive_l2.trainer import Trainer
 
 THETAS = (0.0, -1.0, 1.5, -3.0, 3.0)  # linear range, and saturated at factor 0 and factor 1
-
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, bias=True)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 2, bias=False)
 
 
 class OpRecorder(TorchDispatchMode):
@@ -40,10 +32,6 @@ class OpRecorder(TorchDispatchMode):
 
     def host_syncs(self):
         return [name for name, _ in self.calls if "_local_scalar_dense" in name]
-
-
-class Owner:
-    """Stands for the optimizer that claims the weight gradient."""
 
 
 def _reg_cfg(*extra):
