@@ -1,5 +1,5 @@
-"""The L2 penalty is complete with any optimizer, counts once with the project's, and keeps its state
-on the model's device without host syncs (the `meta` device stands in for CUDA)."""
+"""The L2 penalty is complete with any optimizer, counts once with the project's, and keeps its
+state on the model's device without host syncs (the `meta` device stands in for CUDA)."""
 import copy
 
 import pytest
@@ -206,7 +206,8 @@ def test_decoupled_adam_step_moves_each_tensor_by_lr_2_lambda_w(dataset_root, tm
                 assert torch.allclose(weight.detach().double(), want, rtol=1e-6, atol=1e-12)
             # the thetas still learn from the value: Adam's first step moves them by ~lr
             moved = (thetas_before - penalty.theta_vector().detach()).abs()
-            nonzero = torch.tensor([bool(w.abs().sum() > 0) for w in before])  # BN shifts start at 0
+            # BN shifts start at 0: sum(W^2) = 0 gives their theta no gradient
+            nonzero = torch.tensor([bool(w.abs().sum() > 0) for w in before])
             learns = (thetas_before > -2.5) & (thetas_before < 2.5) & nonzero
             assert learns.sum() > 10
             assert torch.all(moved[learns] > 0.5 * lr) and torch.all(moved[~learns] == 0)
