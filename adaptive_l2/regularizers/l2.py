@@ -18,6 +18,9 @@ GradScaler's unscale and DDP's all-reduce; the same values, as torch's coupled w
 them). Whether autograd or the owner adds it is decided at backward time, so it is applied once.
 Every tensor the penalty keeps (thetas, amplitudes, factors, signature) lives on the regularized
 tensors' device, and no step reads a device value on the host.
+
+MODEL.REG.DECOUPLED: the weights get nothing from the value; the owner's step decays them instead,
+W_n *= 1 - lr * 2 * lambda_n before its update (as AdamW applies weight decay).
 """
 from __future__ import annotations
 
