@@ -552,6 +552,33 @@ def patch_dataset_file_names() -> None:
     Market1501.process_dir = naming(Market1501.process_dir, 1501, 6)
     DukeMTMC.process_dir = naming(DukeMTMC.process_dir, 10 ** 6, 8)
     APPLIED.append("dataset_file_names_named")
+def patch_default_trainer_refuses_l2_terms() -> None:
+    """Make fast-reid's stock `DefaultTrainer` refuse a config that asks for an L2 term.
+
+    The term is attached by `adaptive_l2.Trainer.build_model`; the stock trainer builds the bare
+    model, so with MODEL.REG.ADAPTIVE / CONVENTIONAL.ENABLED True it trains without any term, and
+    says nothing (its contiguous optimizer does not train on torch 2 either, see
+    `adaptive_l2.optim`). Its `build_model` now raises, naming the key and the trainer to use.
+    """
+    from fastreid.engine.defaults import DefaultTrainer
+
+    host_build_model = DefaultTrainer.__dict__["build_model"].__func__
+
+    def build_model(cls, cfg):
+        from adaptive_l2.trainer import Trainer
+
+        reg = getattr(cfg.MODEL, "REG", None)
+        asked = reg is not None and (reg.ADAPTIVE or reg.CONVENTIONAL.ENABLED)
+        if asked and not issubclass(cls, Trainer):
+            key = "MODEL.REG.ADAPTIVE" if reg.ADAPTIVE else "MODEL.REG.CONVENTIONAL.ENABLED"
+            raise ValueError(
+                f"{key} is True but {cls.__name__} is fast-reid's DefaultTrainer, which builds the "
+                "model without the L2 term (it would train silently without it): train with "
+                "adaptive_l2.Trainer (tools/train_net.py), or set the key to False.")
+        return host_build_model(cls, cfg)
+
+    DefaultTrainer.build_model = classmethod(build_model)
+    APPLIED.append("default_trainer_refuses_l2_terms")
 
 
 _done = False
@@ -624,4 +651,5 @@ def apply_all() -> None:
     patch_deferred_tensor_scalars()
     patch_dataset_file_names()
     patch_evaluator_rerank()  # after it: wraps its build_dist
+    patch_default_trainer_refuses_l2_terms()
     _done = True

@@ -105,6 +105,11 @@ def add_reg_config(cfg: CN) -> CN:
     # k-reciprocal re-ranking (TEST.RERANK.ENABLED, K1, K2, LAMBDA are fast-reid's keys).
     # "fastreid" (fast-reid's) or "original" (Zhong et al.'s code as the paper ran it)
     cfg.TEST.RERANK.VARIANT = "fastreid"
+
+    # L2 penalty, decoupled variant (applied as AdamW applies its weight decay).
+    # True: each step W_n *= 1 - lr * 2 * lambda_n (lr of W_n's group) outside the optimizer's
+    # normalisation; the thetas still learn from the penalty's value. False: the paper's coupled term.
+    cfg.MODEL.REG.DECOUPLED = False
     return cfg
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Dict, List, Tuple, Type
+from typing import Callable, Dict, List, Tuple, Type
 
 import torch
 from fastreid.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -23,7 +23,7 @@ from torch import nn
 
 from adaptive_l2.config import regularizer_enabled
 from adaptive_l2.keras_adam import KerasAdam
-from adaptive_l2.regularizers.l2 import AdaptiveL2Penalty, find_l2_penalty
+from adaptive_l2.regularizers.l2 import AdaptiveL2Penalty, L2PenaltyBase, find_l2_penalty
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,16 @@ def with_layer_freeze(optimizer_class: Type[torch.optim.Optimizer]) -> Type[torc
 
     class OptimizerWithLayerFreeze(optimizer_class):
         freeze_active = False
-        # called once at the start of every step (after GradScaler's unscale): the L2 penalty's
-        # weight gradient. Not a torch step pre-hook: torch runs those once per wrapped class in
-        # the step chain, twice here if a plain optimizer of the base class was created before.
+        # called with the optimizer once at the start of every step (after GradScaler's unscale):
+        # the L2 penalty's weight gradient. Not a torch step pre-hook: torch runs those once per
+        # wrapped class in the step chain, twice here if a plain optimizer of the base class was
+        # created before.
         before_step = None
 
         @torch.no_grad()
         def step(self, closure=None):
             if self.before_step is not None:
-                self.before_step()
+                self.before_step(self)
             if not self.freeze_active:
                 return super().step(closure)
             held = []
@@ -140,6 +141,22 @@ def build_optimizer(cfg, model: nn.Module) -> Tuple[torch.optim.Optimizer, None]
     optimizer = optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
     penalty = find_l2_penalty(model)
     if penalty is not None:
-        # the penalty's weight gradient, added once the data gradients are final (see regularizers.l2)
-        optimizer.before_step = penalty.add_weight_gradients
+        # the penalty's weight gradient, added in one fused pass once the data gradients are final
+        # instead of by autograd (see regularizers.l2); the claim makes it count once
+        penalty.claim_weight_gradient(optimizer)
+        optimizer.before_step = decoupled_decay_step(penalty) if penalty.decoupled \
+            else penalty.add_weight_gradients
     return optimizer, None
+
+
+def decoupled_decay_step(penalty: L2PenaltyBase) -> Callable[[torch.optim.Optimizer], None]:
+    """`before_step` of MODEL.REG.DECOUPLED: the decay with each group's lr, none for the groups
+    frozen at this step (their tensors do not move, as in the coupled mode)."""
+
+    def before_step(optimizer: torch.optim.Optimizer) -> None:
+        frozen = getattr(optimizer, "freeze_active", False)
+        groups = [(group["lr"], group["params"]) for group in optimizer.param_groups
+                  if not (frozen and group.get("freeze_status") == FREEZE)]
+        penalty.apply_decoupled_decay(optimizer, groups)
+
+    return before_step

@@ -34,22 +34,38 @@ def test_hard_sigmoid_is_old_keras_not_torch():
     assert torch.allclose(hard_sigmoid_keras(theta), expected)
 
 
-def test_penalty_and_gradients_equal_hand_computation():
+class Owner:
+    """Stands for the optimizer that claims the weight gradient."""
+
+
+def _set_thetas(penalty, values):
+    with torch.no_grad():
+        for theta, value in zip(penalty.thetas, values):
+            theta.fill_(value)
+
+
+@pytest.mark.parametrize("claimed", [False, True])
+def test_penalty_and_gradients_equal_hand_computation(claimed):
+    """Unclaimed, autograd gives the weights 2 * lambda * W; claimed, the backward gives them
+    nothing and `add_weight_gradients(owner)` adds the same values."""
     torch.manual_seed(0)
     model = Small()
     penalty = _penalty(model)
     kinds = [e.kind for e in penalty.entries]
     assert kinds == ["kernel", "bias", "norm_weight", "norm_bias", "kernel"]
     thetas = [0.0, -1.0, 1.5, -3.0, 3.0]  # linear range x3, saturated at 0 and at 1
-    with torch.no_grad():
-        for t, v in zip(penalty.thetas, thetas):
-            t.fill_(v)
+    _set_thetas(penalty, thetas)
     weights = [p for _, p in regularized_tensors(model)]
+    owner = Owner()
+    if claimed:
+        penalty.claim_weight_gradient(owner)
     value = penalty.penalty()
-    value.backward()  # theta gradients
-    for w in weights:
-        w.grad = torch.zeros_like(w)
-    penalty.add_weight_gradients()  # weight gradients, as the optimizer's step adds them first
+    value.backward()
+    if claimed:
+        assert all(w.grad is None for w in weights)
+        for w in weights:
+            w.grad = torch.zeros_like(w)
+        penalty.add_weight_gradients(owner)  # as the optimizer's step adds them first
     f = [min(max(0.2 * t + 0.5, 0.0), 1.0) for t in thetas]
     expected = sum(A * fn * float((w.detach().double() ** 2).sum()) for fn, w in zip(f, weights))
     assert abs(float(value.detach()) - expected) < 1e-6 * max(1.0, expected)
@@ -60,15 +76,42 @@ def test_penalty_and_gradients_equal_hand_computation():
         assert abs(float(theta.grad) - want) < 1e-7
 
 
+def test_weight_gradient_is_added_by_its_owner_only():
+    torch.manual_seed(0)
+    model = Small()
+    penalty = _penalty(model)
+    with pytest.raises(RuntimeError, match="count it twice"):
+        penalty.add_weight_gradients(Owner())  # unclaimed: autograd adds it
+    first, second = Owner(), Owner()
+    penalty.claim_weight_gradient(first)
+    penalty.claim_weight_gradient(first)  # the same owner again is fine
+    with pytest.raises(RuntimeError, match="already added by another optimizer"):
+        penalty.claim_weight_gradient(second)
+    with pytest.raises(RuntimeError, match="count it twice"):
+        penalty.add_weight_gradients(second)
+    del first  # a dropped owner hands it back
+    penalty.claim_weight_gradient(second)
+    penalty.release_weight_gradient(second)
+    assert penalty.weight_gradient_owner is None
+    import copy
+
+    penalty.claim_weight_gradient(second)
+    assert copy.deepcopy(model.conv) is not None
+    assert copy.deepcopy(penalty).weight_gradient_owner is None  # a copy is a new penalty
+
+
 def test_conventional_penalty_is_a_constant_factor():
     torch.manual_seed(0)
     model = Small()
     penalty = ConventionalL2Penalty(regularized_tensors(model), 0.005)
+    owner = Owner()
+    penalty.claim_weight_gradient(owner)
     for _, w in regularized_tensors(model):
         w.grad = torch.zeros_like(w)
-    penalty.add_weight_gradients()
+    penalty.add_weight_gradients(owner)
     for _, w in regularized_tensors(model):
         assert torch.allclose(w.grad, 0.01 * w.detach())  # Keras l2(0.005) == weight decay 0.01
+    assert torch.equal(penalty.factors(), torch.full((5,), 0.005))
 
 
 def test_squared_norms_accumulate_in_fp32_for_half_weights():
@@ -81,9 +124,15 @@ def test_squared_norms_accumulate_in_fp32_for_half_weights():
     with torch.no_grad():
         model.weight.fill_(10.0)
     penalty = _penalty(model)
-    assert torch.isfinite(penalty.penalty()) and float(penalty.penalty()) == pytest.approx(A * 0.5 * 1e5)
+    value = penalty.penalty().detach()
+    assert torch.isfinite(value) and float(value) == pytest.approx(A * 0.5 * 1e5)
+    penalty.penalty().backward()  # autograd: the weight gradient in the weight's dtype
+    assert model.weight.grad.dtype == torch.float16
+    assert torch.allclose(model.weight.grad.float(), torch.full((1, 1000), 2 * A * 0.5 * 10.0), rtol=1e-3)
+    owner = Owner()
+    penalty.claim_weight_gradient(owner)
     model.weight.grad = torch.zeros_like(model.weight)
-    penalty.add_weight_gradients()
+    penalty.add_weight_gradients(owner)
     assert model.weight.grad.dtype == torch.float16
     assert torch.allclose(model.weight.grad.float(), torch.full((1, 1000), 2 * A * 0.5 * 10.0), rtol=1e-3)
 
@@ -121,7 +170,7 @@ def test_one_theta_per_trainable_tensor(dataset_root, tmp_path, extra):
     assert len(penalty.thetas) == len(others) > 50
     with EventStorage(0):
         losses = model({"images": torch.rand(8, 3, 96, 32) * 255, "targets": torch.arange(8) % 2})
-    assert "loss_adaptive_l2" in losses and float(losses["loss_adaptive_l2"]) > 0
+    assert "loss_adaptive_l2" in losses and float(losses["loss_adaptive_l2"].detach()) > 0
     model.eval()
     with torch.no_grad():
         feats = model({"images": torch.rand(2, 3, 96, 32) * 255})

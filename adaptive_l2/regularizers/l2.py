@@ -5,19 +5,31 @@ parameters (the adaptive thetas) live in the model: the optimizer, DDP, GradScal
 resume carry them without further work. The penalty is added to the model's loss dict in training
 by a forward hook, so fast-reid sums and logs it with the other losses.
 
-Hot path. The penalty's value and its theta gradients come from autograd, over squared norms
-computed by one multi-tensor kernel in fp32 whatever the parameters' dtype. Its weight gradient
-dPenalty/dW_n = 2 * lambda_n * W_n is added to the gradients in one multi-tensor pass first thing in
-the step of `adaptive_l2.optim`'s optimizer (after GradScaler's unscale and DDP's all-reduce; the
-same values as autograd would give, as torch's coupled weight decay adds them): through autograd it
-would cost a new gradient-sized tensor and an extra accumulation pass over every parameter.
+The penalty is complete with any optimizer: its value is differentiable w.r.t. the thetas and
+the weights, so autograd gives dPenalty/dW_n = 2 * lambda_n * W_n to a plain `torch.optim.SGD`, to
+fast-reid's optimizer or to a user's own loop. The squared norms ||W_n||^2 come from one
+multi-tensor kernel in fp32 whatever the parameters' dtype.
+
+Hot path. Through autograd the weight gradient costs a new gradient-sized tensor per weight and an
+extra accumulation pass. `adaptive_l2.optim`'s optimizer therefore claims it
+(`claim_weight_gradient`): from then on the backward gives the weights nothing and the optimizer
+adds 2 * lambda_n * W_n in place, in one multi-tensor pass first thing in its step (after
+GradScaler's unscale and DDP's all-reduce; the same values, as torch's coupled weight decay adds
+them). Whether autograd or the owner adds it is decided at backward time, so it is applied once.
+Every tensor the penalty keeps (thetas, amplitudes, factors, signature) lives on the regularized
+tensors' device, and no step reads a device value on the host.
+
+MODEL.REG.DECOUPLED: the weights get nothing from the value; the owner's step decays them instead,
+W_n *= 1 - lr * 2 * lambda_n before its update (as AdamW applies weight decay).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -63,12 +75,43 @@ def regularized_tensors(model: nn.Module) -> List[Tuple[RegularizedTensor, nn.Pa
 
 def squared_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """fp32 vector of the squared L2 norms ||W_n||^2 (one multi-tensor kernel, no autograd)."""
-    with torch.no_grad(), torch.autocast(device_type=weights[0].device.type, enabled=False):
+    device_type = weights[0].device.type
+    no_autocast = torch.autocast(device_type=device_type, enabled=False) \
+        if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext()
+    with torch.no_grad(), no_autocast:
         return torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32)).square()
 
 
 def _signature(names: Sequence[str]) -> int:
     return zlib.crc32("\n".join(names).encode())
+
+
+class _SquaredNormsWithWeightGradient(torch.autograd.Function):
+    """`squared_norms`, differentiable w.r.t. the weights: d||W_n||^2/dW_n = 2 * W_n.
+
+    The backward asks the penalty whether an optimizer has claimed the weight gradient; if so it
+    gives the weights nothing (the owner adds the same values in its step), else 2 * g_n * W_n.
+    """
+
+    @staticmethod
+    def forward(ctx, penalty: "L2PenaltyBase", *weights: torch.Tensor) -> torch.Tensor:
+        ctx.penalty = penalty
+        ctx.save_for_backward(*weights)
+        return squared_norms(weights)
+
+    @staticmethod
+    def backward(ctx, grad_norms: torch.Tensor):
+        grads: List[Optional[torch.Tensor]] = [None] * (len(ctx.needs_input_grad) - 1)
+        if ctx.penalty.weight_gradient_owner is not None:
+            return (None, *grads)  # the owner's step adds it
+        weights = ctx.saved_tensors
+        needed = [i for i, need in enumerate(ctx.needs_input_grad[1:]) if need]
+        scales = (2.0 * grad_norms).unbind()  # 0-d tensors on the device: no host sync
+        products = torch._foreach_mul([weights[i] for i in needed],
+                                      [scales[i].to(weights[i].dtype) for i in needed])
+        for i, product in zip(needed, products):
+            grads[i] = product
+        return (None, *grads)
 
 
 class L2PenaltyBase(nn.Module):
@@ -82,19 +125,30 @@ class L2PenaltyBase(nn.Module):
             raise ValueError("the model has no trainable tensor to regularize")
         self.entries = [entry for entry, _ in targets]
         self._weights = [param for _, param in targets]
+        self._weight_gradient_owner: Optional[weakref.ReferenceType] = None
+        self._index_of = {id(param): index for index, param in enumerate(self._weights)}
+        # True: the weights get no gradient from the value; the owner decays them in its step
+        self.decoupled = False
         # Identifies which tensors the thetas belong to, so a checkpoint of another model is refused.
+        # On the weights' device: DDP broadcasts every buffer, and NCCL has no CPU backend.
         self.register_buffer(
-            "target_signature", torch.tensor([_signature([e.name for e in self.entries])]),
-            persistent=True)
+            "target_signature",
+            torch.tensor([_signature(self.names)], device=self.device), persistent=True)
         self._register_load_state_dict_pre_hook(self._check_signature)
 
     @property
     def names(self) -> List[str]:
         return [e.name for e in self.entries]
 
+    @property
+    def device(self) -> torch.device:
+        """The regularized tensors' device, where the penalty keeps all its state."""
+        return self._weights[0].device
+
     def _check_signature(self, state_dict, prefix, *args, **kwargs) -> None:
         key = prefix + "target_signature"
-        if key in state_dict and int(state_dict[key].item()) != int(self.target_signature.item()):
+        # compared with the names, not with this module's buffer: no read of a device value
+        if key in state_dict and int(state_dict[key].item()) != _signature(self.names):
             raise ValueError(
                 f"checkpoint entry '{key}' belongs to a model with a different set of regularized "
                 f"tensors than this one ({len(self.entries)} tensors, first "
@@ -102,26 +156,108 @@ class L2PenaltyBase(nn.Module):
                 "(MODEL.META_ARCHITECTURE / MODEL.BACKBONE)."
             )
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # a copy (deepcopy, pickle) is a new penalty: no optimizer has claimed its weight gradient
+        state = dict(self.__dict__)
+        state["_weight_gradient_owner"] = None
+        return state
+
+    @property
+    def weight_gradient_owner(self) -> Optional[object]:
+        """The optimizer that adds the weight gradient in its step; None: autograd adds it."""
+        return None if self._weight_gradient_owner is None else self._weight_gradient_owner()
+
+    def claim_weight_gradient(self, owner: object) -> None:
+        """`owner` (an optimizer) adds 2 * lambda_n * W_n itself from now on, with
+        `add_weight_gradients(owner)` in each step; autograd stops adding it, so it counts once.
+
+        A second owner is refused while the first is alive: the gradient would be added twice.
+        """
+        current = self.weight_gradient_owner
+        if current is not None and current is not owner:
+            raise RuntimeError(
+                f"the L2 penalty's weight gradient is already added by another optimizer "
+                f"({type(current).__name__} at {id(current):#x}); build one project optimizer per "
+                "model, or call release_weight_gradient(old_optimizer) first")
+        self._weight_gradient_owner = weakref.ref(owner)
+
+    def release_weight_gradient(self, owner: object) -> None:
+        """Hand the weight gradient back to autograd, for the values computed from now on (call it
+        after `owner`'s last step, not between a forward and its step)."""
+        if self.weight_gradient_owner is owner:
+            self._weight_gradient_owner = None
+
+    def squared_norms(self) -> torch.Tensor:
+        """fp32 ||W_n||^2 of every regularized tensor; carries the weight gradient unless an
+        optimizer has claimed it (no graph edge to each weight then: ~4 us a tensor saved)."""
+        if self.weight_gradient_owner is None and torch.is_grad_enabled() and any(
+                w.requires_grad for w in self._weights):
+            if self.decoupled:
+                raise RuntimeError(
+                    "MODEL.REG.DECOUPLED is True: the decay is applied by adaptive_l2's optimizer "
+                    "in its step (adaptive_l2.optim.build_optimizer / adaptive_l2.Trainer), and "
+                    "no such optimizer has claimed this penalty: another optimizer would train "
+                    "without it")
+            return _SquaredNormsWithWeightGradient.apply(self, *self._weights)
+        return squared_norms(self._weights)
+
     def penalty(self) -> torch.Tensor:
-        """The value added to the loss; differentiable w.r.t. the thetas only (see module doc)."""
+        """The value added to the loss, differentiable w.r.t. the thetas and the weights."""
         raise NotImplementedError
 
-    def weight_gradient_factors(self) -> torch.Tensor:
-        """fp32 vector of 2 * lambda_n: dPenalty/dW_n = 2 * lambda_n * W_n."""
-        return 2.0 * self.factors().float()
+    def factors(self) -> torch.Tensor:
+        """lambda_n of every tensor (fp32, on the device, detached)."""
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def add_weight_gradients(self) -> None:
-        """W_n.grad += 2 * lambda_n * W_n for every tensor that has a gradient this step."""
-        factors = self.weight_gradient_factors().to(self._weights[0].device)
-        grads, weights, scales = [], [], []
-        for weight, factor in zip(self._weights, factors.unbind()):
+    def _grouped_gradients(self) -> Dict[torch.dtype, Tuple[List[int], List[torch.Tensor],
+                                                             List[torch.Tensor]]]:
+        """(indices, grads, weights) of the trainable tensors, per dtype. A tensor the data loss
+        left without a gradient gets a zero one: autograd would give it the penalty's."""
+        groups: Dict[torch.dtype, Tuple[List[int], List[torch.Tensor], List[torch.Tensor]]] = {}
+        for index, weight in enumerate(self._weights):
+            if weight.grad is None and weight.requires_grad:
+                weight.grad = torch.zeros_like(weight)
             if weight.grad is not None:
+                indices, grads, weights = groups.setdefault(weight.grad.dtype, ([], [], []))
+                indices.append(index)
                 grads.append(weight.grad)
                 weights.append(weight)
-                scales.append(factor.reshape(1).to(weight.grad.dtype))
-        if grads:
-            torch._foreach_addcmul_(grads, weights, scales)
+        return groups
+
+    def _check_owner(self, owner: object) -> None:
+        if owner is None or self.weight_gradient_owner is not owner:
+            raise RuntimeError(
+                "add_weight_gradients(owner) is for the optimizer that claimed the weight gradient "
+                "(claim_weight_gradient): without a claim autograd adds it already, and adding it "
+                "here too would count it twice")
+
+    @torch.no_grad()
+    def add_weight_gradients(self, owner: object) -> None:
+        """W_n.grad += 2 * lambda_n * W_n for every trainable tensor (one multi-tensor pass per
+        dtype; the factors stay on the device)."""
+        self._check_owner(owner)
+        doubled = 2.0 * self.factors()
+        for dtype, (indices, grads, weights) in self._grouped_gradients().items():
+            scales = doubled.to(dtype).unbind()  # 0-d tensors on the device: no host sync
+            torch._foreach_addcmul_(grads, weights, [scales[i] for i in indices])
+
+
+    @torch.no_grad()
+    def apply_decoupled_decay(self, owner: object,
+                              groups: Sequence[Tuple[float, Sequence[torch.Tensor]]]) -> None:
+        """W_n -= lr * 2 * lambda_n * W_n, with the lr of W_n's group, for the regularized tensors
+        of `groups` ((lr, params) pairs): the decay outside the optimizer's normalisation, as
+        AdamW's. Run before the optimizer's update (as AdamW), factors on the device."""
+        self._check_owner(owner)
+        doubled = (2.0 * self.factors()).unbind()
+        for lr, params in groups:
+            chosen = [self._index_of[id(p)] for p in params
+                      if id(p) in self._index_of and p.requires_grad]
+            if not chosen:
+                continue
+            weights = [self._weights[i] for i in chosen]
+            shrink = torch._foreach_mul([doubled[i] for i in chosen], -lr)
+            torch._foreach_addcmul_(weights, weights, shrink)
 
 
 class AdaptiveL2Penalty(L2PenaltyBase):
@@ -134,16 +270,17 @@ class AdaptiveL2Penalty(L2PenaltyBase):
         missing = set(KINDS) - set(amplitudes)
         if missing:
             raise ValueError(f"amplitudes lack the kinds {sorted(missing)}")
-        device = self._weights[0].device
+        device = self.device
         self.thetas = nn.ParameterList(
             [nn.Parameter(torch.zeros((), device=device)) for _ in self.entries])
+        self._theta_list = list(self.thetas)  # iterating a ParameterList costs ~2 us a theta
         self.register_buffer(
             "amplitudes",
             torch.tensor([float(amplitudes[e.kind]) for e in self.entries], device=device),
             persistent=False)
 
     def theta_vector(self) -> torch.Tensor:
-        return torch.stack(list(self.thetas)).float()
+        return torch.stack(self._theta_list).float()
 
     def factors(self) -> torch.Tensor:
         """lambda_n = A_n * hard_sigmoid(theta_n), detached, fp32."""
@@ -152,7 +289,7 @@ class AdaptiveL2Penalty(L2PenaltyBase):
 
     def penalty(self) -> torch.Tensor:
         weighted = self.amplitudes * hard_sigmoid_keras(self.theta_vector())
-        return torch.dot(weighted, squared_norms(self._weights))  # theta-differentiable
+        return torch.dot(weighted, self.squared_norms())
 
 
 class ConventionalL2Penalty(L2PenaltyBase):
@@ -163,12 +300,22 @@ class ConventionalL2Penalty(L2PenaltyBase):
     def __init__(self, targets, factor: float):
         super().__init__(targets)
         self.factor = float(factor)
+        self.register_buffer(
+            "factor_vector", torch.full((len(self.entries),), self.factor, device=self.device),
+            persistent=False)
 
     def factors(self) -> torch.Tensor:
-        return torch.full((len(self.entries),), self.factor)
+        return self.factor_vector
 
     def penalty(self) -> torch.Tensor:
-        return self.factor * squared_norms(self._weights).sum()  # constant for autograd
+        return self.factor * self.squared_norms().sum()
+
+    @torch.no_grad()
+    def add_weight_gradients(self, owner: object) -> None:
+        """One factor for all: a Python scalar, so CUDA runs torch's fused multi-tensor kernel."""
+        self._check_owner(owner)
+        for _, grads, weights in self._grouped_gradients().values():
+            torch._foreach_add_(grads, weights, alpha=2.0 * self.factor)
 
 
 PENALTY_ATTRIBUTE = "l2_penalty"
@@ -207,6 +354,7 @@ def attach_l2_penalty(model: nn.Module, cfg) -> Optional[L2PenaltyBase]:
         penalty = AdaptiveL2Penalty(targets, amplitudes_from_config(reg))
     else:
         penalty = ConventionalL2Penalty(targets, reg.CONVENTIONAL.FACTOR)
+    penalty.decoupled = bool(reg.DECOUPLED)
     model.add_module(PENALTY_ATTRIBUTE, penalty)
     model.register_forward_hook(_add_penalty_to_losses)
     logger.info("%s on %d tensors", type(penalty).__name__, len(penalty.entries))
