@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from typing import List, Optional
@@ -10,15 +9,12 @@ from typing import List, Optional
 import yaml
 from fastreid.config import get_cfg
 from fastreid.engine import default_argument_parser, default_setup
-from fastreid.utils import comm
-from fastreid.utils.env import seed_all_rng
-from fastreid.utils.logger import setup_logger
 
 from adaptive_l2.checkpoint import load_for_evaluation
 from adaptive_l2.config import add_reg_config, check_config
 from adaptive_l2.distributed import launch, started_by_torchrun
 from adaptive_l2.run_lock import RESULTS_FILE, claim_output_dir
-from adaptive_l2.trainer import Trainer
+from adaptive_l2.trainer import Trainer, prepare_run, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +55,9 @@ def load_config(config_file: str, opts: Optional[List[str]] = None):
 def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
-    # the project's own messages go to the same console and log.txt as fast-reid's
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="adaptive_l2")
-    if cfg.SEED >= 0:
-        # default_setup seeded from time and pid; a fixed seed makes runs repeatable
-        seed_all_rng(cfg.SEED + comm.get_rank())
-        logger.info("Seeded every generator with SEED %d + rank %d", cfg.SEED, comm.get_rank())
+    default_setup(cfg, args)  # logs the environment and the command line
+    prepare_run(cfg)  # OUTPUT_DIR, log.txt for the project's messages too, SEED
     return cfg
-
-
-def save_results(cfg, results) -> None:
-    if comm.is_main_process() and cfg.OUTPUT_DIR and results:
-        with open(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as handle:
-            json.dump(results, handle, indent=2, default=float)
 
 
 def evaluation_config(cfg):
@@ -93,13 +78,11 @@ def main(args):
         model = Trainer.build_model(evaluation_config(cfg))
         load_for_evaluation(model, cfg.MODEL.WEIGHTS)
         results = Trainer.test(cfg, model)
-        save_results(cfg, results)
+        write_results(cfg, results)
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    results = trainer.train()
-    save_results(cfg, results)
-    return results
+    return trainer.train()  # writes final_results.json
 
 
 def build_argument_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from fastreid.engine.defaults import DefaultTrainer
 from fastreid.engine.train_loop import SimpleTrainer, TrainerBase
 from fastreid.modeling.meta_arch import build_model as fastreid_build_model
 from fastreid.utils import comm
+from fastreid.utils.env import seed_all_rng
 from fastreid.utils.events import get_event_storage
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
@@ -38,6 +39,7 @@ from adaptive_l2.hooks import (DivergenceGuard, EvalHistory, L2FactorLogger, Res
 from adaptive_l2.modeling.backbone_options import apply_backbone_options
 from adaptive_l2.modeling.pretrained import check_pretrain_config
 from adaptive_l2.optim import build_optimizer
+from adaptive_l2.run_lock import RESULTS_FILE
 from adaptive_l2.regularizers.l2 import attach_l2_penalty, find_l2_penalty
 from adaptive_l2.sgp import (AdversarialTraining, FeatureGradientPerturbation,
                              ParameterGradientPerturbation, model_device)
@@ -259,6 +261,36 @@ def check_ranks_agree(model, output_dir: str) -> None:
 RANK_FINGERPRINTS = "rank_fingerprints.json"
 
 
+def prepare_run(cfg) -> None:
+    """What a run needs before anything is built, however it is started (tools/train_net.py or
+    `Trainer(cfg)` from Python): its OUTPUT_DIR with config.yaml, the console and OUTPUT_DIR/log.txt
+    for fast-reid's and the project's messages, and every generator seeded with SEED + rank when
+    SEED >= 0. Calling it again with the same config changes nothing (the loggers are cached by
+    their arguments, the seed is the same)."""
+    output_dir = cfg.OUTPUT_DIR
+    rank = comm.get_rank()
+    if comm.is_main_process() and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        # fast-reid's auto_scale_hyperparams rewrites this file; its tools expect it
+        with open(os.path.join(output_dir, "config.yaml"), "w") as handle:
+            handle.write(cfg.dump())
+    # the same arguments as fast-reid's default_setup, so its cached logger is reused, not doubled
+    setup_logger(output_dir, distributed_rank=rank)
+    setup_logger(output_dir, distributed_rank=rank, name="adaptive_l2")
+    if cfg.SEED >= 0:
+        # fast-reid's default_setup seeded from time and pid; a fixed seed makes runs repeatable
+        seed_all_rng(cfg.SEED + rank)
+        logger.info("Seeded every generator with SEED %d + rank %d", cfg.SEED, rank)
+
+
+def write_results(cfg, results) -> None:
+    """The run's final metrics as OUTPUT_DIR/final_results.json (main process): the file that
+    marks a run as finished for the table tool and the run lock."""
+    if comm.is_main_process() and cfg.OUTPUT_DIR and results:
+        with open(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as handle:
+            json.dump(results, handle, indent=2, default=float)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer whose builders are the project's; construction order as fast-reid's."""
 
@@ -266,9 +298,8 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
-        if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
-            setup_logger()
         check_config(cfg)
+        prepare_run(cfg)
         check_device_for_processes(cfg)
         cfg = resolve_amp(cfg)
         data_loader = self.build_train_loader(cfg)
@@ -311,6 +342,7 @@ class Trainer(DefaultTrainer):
         else:
             results = super().train()
         check_ranks_agree(self.model, self.cfg.OUTPUT_DIR)
+        write_results(self.cfg, results)
         return results
 
     @classmethod
