@@ -11,6 +11,16 @@ setup(
     version="0.1.0",
     description="Adaptive L2 regularization (Ni et al., ICPR 2020) and SGP for fast-reid",
     packages=find_packages(include=["adaptive_l2", "adaptive_l2.*"]),
+    # the shipped YAMLs (configs/ in a clone is a link to them): a non-editable install has them
+    package_data={"adaptive_l2": ["configs/*.yml", "configs/*/*.yml", "configs/*/*/*.yml"]},
+    entry_points={
+        "console_scripts": [
+            "adaptive-l2-train=adaptive_l2.cli.train:main",
+            "adaptive-l2-table=adaptive_l2.cli.table:main",
+            "adaptive-l2-attack=adaptive_l2.cli.attack:main",
+            "adaptive-l2-plot=adaptive_l2.cli.plot:main",
+        ],
+    },
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1,<3",

@@ -2,14 +2,21 @@
 
 `add_reg_config(cfg)` must run before `merge_from_file`, so yacs rejects a misspelt key instead of
 ignoring it. `check_config(cfg)` refuses impossible combinations with a message naming the keys.
+`load_config(file, opts)` is all of it in the order a tool needs: defaults, YAML, overrides, checks.
+The shipped YAMLs are package data (`adaptive_l2/configs`, also `configs/` in a clone), so a
+non-editable install finds them: `config_file_path("Synthetic/adaptive_l2.yml")`.
 """
 from __future__ import annotations
 
 import logging
 import os
+from importlib import resources
+from typing import List, Optional
 
 import torch
+import yaml
 from fastreid.config import CfgNode as CN
+from fastreid.config import get_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +164,54 @@ def check_config(cfg: CN) -> None:
         )
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ValueError(f"MODEL.DEVICE must be 'cpu' or 'cuda[:N]', got '{device}'")
+
+
+def shipped_configs_dir() -> str:
+    """The folder of the YAMLs shipped with the package (package data, wherever it is installed)."""
+    return str(resources.files("adaptive_l2").joinpath("configs"))
+
+
+def config_file_path(config_file: str) -> str:
+    """`config_file` as given when it exists (relative to the current folder); otherwise, for a
+    name such as `configs/Synthetic/adaptive_l2.yml` or `Synthetic/adaptive_l2.yml`, the shipped
+    copy, so the README's commands work from any folder after a non-editable install."""
+    if os.path.isfile(config_file):
+        return config_file
+    relative = os.path.normpath(config_file)
+    if relative.startswith("configs" + os.sep):
+        relative = relative[len("configs" + os.sep):]
+    shipped = os.path.join(shipped_configs_dir(), relative)
+    if not os.path.isabs(config_file) and os.path.isfile(shipped):
+        return shipped
+    raise FileNotFoundError(f"--config-file '{config_file}' does not exist (looked in the current "
+                            f"folder {os.getcwd()} and in the shipped configs {shipped_configs_dir()})")
+
+
+def _config_error(where: str, error: Exception) -> Exception:
+    """yacs reports a typo as KeyError or AssertionError and a wrong type as ValueError or
+    AssertionError; say where, and keep KeyError for unknown keys."""
+    message = f"{where}: {error.args[0] if error.args else error}"
+    return KeyError(message) if "Non-existent" in message else ValueError(message)
+
+
+def load_config(config_file: str, opts: Optional[List[str]] = None) -> CN:
+    """fast-reid defaults + the project's keys + the YAML + command-line overrides, checked."""
+    cfg = get_cfg()
+    add_reg_config(cfg)
+    if config_file:
+        config_file = config_file_path(config_file)
+        try:
+            cfg.merge_from_file(config_file)
+        except (UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError) as error:
+            # a binary file, broken YAML, or YAML that is not a mapping of keys
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"--config-file '{config_file}' is not a YAML config of KEY: value "
+                             f"lines ({type(error).__name__}: {reason})") from error
+        except (KeyError, AssertionError, ValueError) as error:
+            raise _config_error(f"{config_file}", error) from error
+    try:
+        cfg.merge_from_list(opts or [])
+    except (KeyError, AssertionError, ValueError) as error:
+        raise _config_error("command-line override", error) from error
+    check_config(cfg)
+    return cfg

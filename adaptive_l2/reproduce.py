@@ -25,11 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from adaptive_l2.cli import RESULTS_FILE, load_config
+from adaptive_l2.config import load_config, shipped_configs_dir
 from adaptive_l2.hooks import EVAL_HISTORY_FILE
+from adaptive_l2.run_lock import RESULTS_FILE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+# A row's training process: the package's own train tool, so an installed package needs no clone.
+TRAIN_MODULE = "adaptive_l2.cli.train"
 
 # Ni et al. 2020, results table (mAP, Rank-1); None where the paper has no such row.
 PAPER_NUMBERS = {
@@ -74,12 +75,12 @@ class Row:
 def suite_rows(suite: str, with_sgp: bool = False) -> List[Row]:
     if suite == "paper":
         names = PAPER_ROWS + (("sgp_R50", "adaptive_l2_sgp_R50", "at_R50") if with_sgp else ())
-        return [Row(ds, name, os.path.join(REPO, "configs", "Paper", ds, f"{name}.yml"),
+        return [Row(ds, name, os.path.join(shipped_configs_dir(), "Paper", ds, f"{name}.yml"),
                     evaluates=name[: -len(RERANK_SUFFIX)] if name.endswith(RERANK_SUFFIX) else None)
                 for ds in ("Market1501", "DukeMTMC", "MSMT17") for name in names]
     if suite == "synthetic":
         names = SYNTHETIC_ROWS + (SYNTHETIC_SGP_ROWS if with_sgp else ())
-        return [Row("Synthetic", name, os.path.join(REPO, "configs", "Synthetic", f"{name}.yml"))
+        return [Row("Synthetic", name, os.path.join(shipped_configs_dir(), "Synthetic", f"{name}.yml"))
                 for name in names]
     raise ValueError(f"--suite must be 'paper' or 'synthetic', got '{suite}'")
 
@@ -101,8 +102,8 @@ def select_rows(rows: Sequence[Row], only: Sequence[str]) -> List[Row]:
 
 
 def output_dir(row: Row, output_root: str) -> str:
-    """Relative roots are taken from the repository root, where the runs execute."""
-    return os.path.join(os.path.join(REPO, output_root), row.dataset, row.name)
+    """A row's OUTPUT_DIR; a relative root is taken from the current folder, where runs execute."""
+    return os.path.join(output_root, row.dataset, row.name)
 
 
 def row_status(directory: str) -> str:
@@ -114,9 +115,9 @@ def row_status(directory: str) -> str:
 
 
 def _short(path: str) -> str:
-    """Paths under the repository as relative ones: commands run from the repository root."""
-    relative = os.path.relpath(path, REPO)
-    return path if relative.startswith("..") else relative
+    """Paths under the current folder as relative ones (the commands run there), others absolute."""
+    relative = os.path.relpath(os.path.abspath(path), os.getcwd())
+    return os.path.abspath(path) if relative.startswith("..") else relative
 
 
 def evaluated_checkpoint(row: Row, output_root: str) -> str:
@@ -136,10 +137,10 @@ def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int
     if launcher == "torchrun":
         # --standalone: a free rendezvous port, so rows running side by side do not collide
         return [_short(sys.executable), "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={num_gpus}", _short(TRAIN_NET), *args, *tail]
+                f"--nproc_per_node={num_gpus}", "-m", TRAIN_MODULE, *args, *tail]
     if num_gpus > 1:
         args += ["--num-gpus", str(num_gpus)]
-    return [_short(sys.executable), _short(TRAIN_NET), *args, *tail]
+    return [_short(sys.executable), "-m", TRAIN_MODULE, *args, *tail]
 
 
 def iterations_of(row: Row, opts: Sequence[str]) -> int:
@@ -396,7 +397,7 @@ def _start_row(row: Row, output_root: str, opts: Sequence[str], num_gpus: int, l
         where = f" on GPU {slot} (console: {_short(os.path.join(directory, CONSOLE_FILE))})"
     action = "evaluating" if row.evaluates else ("resuming" if status == "interrupted" else "training")
     log(f"[reproduce] {row.key}: {action}{where}\n  {shlex.join(command)}")
-    process = start_process(command, cwd=REPO, env=env, stdout=log_file,
+    process = start_process(command, cwd=os.getcwd(), env=env, stdout=log_file,
                             stderr=subprocess.STDOUT if log_file else None)
     return _Running(row, process, slot, time.perf_counter(), log_file)
 
@@ -475,7 +476,6 @@ def format_csv(results: Sequence[dict]) -> str:
 
 
 def write_table(results: Sequence[dict], output_root: str) -> List[str]:
-    output_root = os.path.join(REPO, output_root)
     os.makedirs(output_root, exist_ok=True)
     markdown = os.path.join(output_root, "results.md")
     table = os.path.join(output_root, "results.csv")

@@ -28,7 +28,7 @@ import traceback
 import torch
 
 import adaptive_l2  # noqa: F401
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.trainer import Trainer
 
 VARIANTS = {
@@ -95,7 +95,7 @@ def cost(args) -> None:
 
 
 def robustness(args) -> None:
-    from adaptive_l2.attack_cli import attack_evaluation
+    from adaptive_l2.cli.attack import attack_evaluation
     from adaptive_l2.reproduce import output_dir, run_suite, suite_rows
     from adaptive_l2.sgp.robustness import STANDARD_ATTACKS
 

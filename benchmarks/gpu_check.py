@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 import adaptive_l2  # noqa: F401  (fast-reid patches, registrations)
-from adaptive_l2.cli import load_config
-from adaptive_l2.reproduce import (REPO, device_synchronizer, fixed_batch_train_step,
+from adaptive_l2.config import load_config, shipped_configs_dir
+from adaptive_l2.reproduce import (device_synchronizer, fixed_batch_train_step,
                                    machine_description, median_step_seconds, synthetic_batch)
 
-PAPER = os.path.join(REPO, "configs", "Paper", "Market1501")
+PAPER = os.path.join(shipped_configs_dir(), "Paper", "Market1501")
 VARIANTS = {"adaptive_l2": "adaptive_l2_R50.yml", "sgp": "sgp_R50.yml", "at": "at_R50.yml"}
 
 # Paper size (the default) and a tiny CPU size that runs every part in seconds.
@@ -119,6 +119,8 @@ def paper_config(args, variant: str, extra: List[str] = ()):
     return load_config(os.path.join(PAPER, VARIANTS[variant]), [
         "MODEL.DEVICE", args.device, "MODEL.BACKBONE.PRETRAIN", "False",
         "MODEL.BACKBONE.DEPTH", s["depth"], "MODEL.BACKBONE.FEAT_DIM", str(s["feat_dim"]),
+        # the paper's ResNet v1 strides need bottleneck blocks; the tiny ResNet18 has none
+        "MODEL.BACKBONE.STRIDE_IN_1X1", str(s["depth"] not in ("18x", "34x")),
         "DATASETS.NAMES", '("SyntheticReID",)', "DATASETS.TESTS", '("SyntheticReID",)',
         "DATASETS.ROOT", os.path.join(args.work_dir, "datasets"), *syn,
         "DATASETS.SYNTHETIC.HEIGHT", str(height), "DATASETS.SYNTHETIC.WIDTH", str(width),

@@ -39,7 +39,7 @@ def tiny_opts(dataset_root, output_dir, *extra):
 
 
 def tiny_cfg(dataset_root, output_dir, *extra, config_file=SYNTHETIC_BASE):
-    from adaptive_l2.cli import load_config
+    from adaptive_l2.config import load_config
 
     return load_config(config_file, tiny_opts(dataset_root, output_dir, *extra))
 

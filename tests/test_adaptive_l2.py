@@ -6,7 +6,7 @@ from conftest import tiny_cfg
 from fastreid.utils.events import EventStorage
 from torch import nn
 
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.optim import build_optimizer
 from adaptive_l2.regularizers.l2 import (AdaptiveL2Penalty, ConventionalL2Penalty,
                                          hard_sigmoid_keras, regularized_tensors, squared_norms)

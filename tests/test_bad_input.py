@@ -4,7 +4,7 @@ import os
 import pytest
 from conftest import SYNTHETIC_BASE, run_train_net, tiny_cfg, tiny_opts
 
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.compat import CorruptImageError
 
 
@@ -171,7 +171,7 @@ def test_a_text_file_as_weights_names_the_file(dataset_root, tmp_path):
 
 
 def test_a_binary_config_and_a_missing_config_are_refused(tmp_path):
-    from adaptive_l2.cli import main_from_command_line
+    from adaptive_l2.cli.train import main as main_from_command_line
 
     binary = tmp_path / "weights.yml"
     binary.write_bytes(bytes(range(256)) * 4)
@@ -199,7 +199,7 @@ def test_a_cut_factor_log_names_the_file(tmp_path, caplog):
 
 
 def test_eval_only_needs_no_imagenet_weights(dataset_root, tmp_path):
-    from adaptive_l2.cli import evaluation_config
+    from adaptive_l2.cli.train import evaluation_config
     from adaptive_l2.trainer import Trainer
 
     cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.BACKBONE.PRETRAIN", "True",

@@ -7,7 +7,7 @@ import torch
 from conftest import REPO
 from fastreid.utils.events import EventStorage
 
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.optim import build_optimizer
 from adaptive_l2.trainer import Trainer
 

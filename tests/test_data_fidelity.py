@@ -14,7 +14,7 @@ from fastreid.data.transforms import build_transforms as fastreid_transforms
 from PIL import Image
 from scipy.stats import ks_2samp
 
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.data.samplers import ChunkedIdentitySampler
 from adaptive_l2.data.transforms import (CV2BilinearResize, KerasRandomErasing, build_transforms,
                                          resize_bilinear_half_pixel)

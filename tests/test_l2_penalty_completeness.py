@@ -9,7 +9,7 @@ from test_adaptive_l2 import Owner, Small
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.optim import build_optimizer
 from adaptive_l2.regularizers.l2 import attach_l2_penalty, hard_sigmoid_keras
 from adaptive_l2.trainer import Trainer

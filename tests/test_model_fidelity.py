@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import REPO, SYNTHETIC_BASE, run_train_net, tiny_opts
 from fastreid.utils.events import EventStorage
 
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.keras_adam import KerasAdam
 from adaptive_l2.optim import FREEZE, build_optimizer, with_layer_freeze
 from adaptive_l2.trainer import Trainer

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, TINY_DATASET, TINY_TRAINING, tiny_cfg
 from fastreid.utils.events import EventStorage
 
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.data.samplers import StrictIdentitySampler
 from adaptive_l2.hooks import ResumableLayerFreeze
 from adaptive_l2.solver import build_lr_scheduler
@@ -157,7 +157,7 @@ def test_table_tool_builds_the_full_table_and_resumes_a_killed_matrix(dataset_ro
 def test_paper_dry_run_prints_one_command_per_row():
     result = _tool(["--suite", "paper", "--dry-run", "--no-measure"])
     assert result.returncode == 0, result.stderr[-3000:]
-    commands = [line for line in result.stdout.splitlines() if "tools/train_net.py" in line]
+    commands = [line for line in result.stdout.splitlines() if "-m adaptive_l2.cli.train" in line]
     assert len(commands) == 15
     rerank = [c for c in commands if "R152_rerank" in c]
     assert len(rerank) == 3  # the dagger rows re-rank the R152 rows' final models, no training

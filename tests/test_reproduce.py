@@ -12,12 +12,12 @@ import torch
 from conftest import REPO
 
 from adaptive_l2 import reproduce
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.reproduce import (gpu_slots, median_step_seconds, run_suite, select_rows,
                                    suite_rows)
 from adaptive_l2.trainer import Trainer
 
-# Stands in for tools/train_net.py: records its environment and lifetime, then finishes the row
+# Stands in for the train tool (python -m adaptive_l2.cli.train): records its environment and lifetime, then finishes the row
 # (final_results.json, model_final.pth) or fails (exit 3) when its OUTPUT_DIR is in FAIL_ROWS.
 FAKE_TRAIN_NET = r'''
 import json, os, sys, time
@@ -47,8 +47,8 @@ ROWS = ["Market1501/conventional_l2_R50", "Market1501/adaptive_l2_R50",
 
 def _fake_launcher(script):
     def start(command, **kwargs):
-        assert command[1].endswith("train_net.py")
-        return subprocess.Popen([sys.executable, script, *command[2:]], **kwargs)
+        assert command[1:3] == ["-m", "adaptive_l2.cli.train"]
+        return subprocess.Popen([sys.executable, script, *command[3:]], **kwargs)
     return start
 
 
@@ -141,7 +141,7 @@ def test_unknown_row_name_is_refused_with_the_valid_names():
                            "--no-measure"], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=120)
     assert tool.returncode == 2 and "unknown name(s) ['bogus']" in tool.stderr
-    assert "tools/train_net.py" not in tool.stdout
+    assert "adaptive_l2.cli.train" not in tool.stdout
 
 
 def test_median_of_timed_steps_skips_warmup_and_outliers():
@@ -257,5 +257,5 @@ def test_run_all_runs_each_benchmark_and_reports_failures(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_all.main(["--dir", str(tmp_path), "--only", "bench_nope.py"])
     assert [os.path.basename(s) for s in run_all.benchmark_scripts()] == [
-        "bench_penalty.py", "bench_rerank.py", "bench_sgp.py"]
+        "bench_keras_adam.py", "bench_penalty.py", "bench_rerank.py", "bench_sgp.py"]
     assert set(run_all.SHORT_ARGS) == {"bench_penalty.py", "bench_rerank.py", "bench_sgp.py"}

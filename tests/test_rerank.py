@@ -399,7 +399,7 @@ def test_evaluator_leaves_the_callers_config_alone():
 def test_paper_configs_rerank_in_the_original_variant():
     from conftest import REPO
 
-    from adaptive_l2.cli import load_config
+    from adaptive_l2.config import load_config
     from adaptive_l2.config import add_reg_config
     from fastreid.config import get_cfg
 

@@ -1,13 +1,9 @@
 #!/usr/bin/env python3
-"""Draw the L2 factors of a finished run: `tools/plot_factors.py RUN_DIR [--out DIR]`."""
-import argparse
+"""Draw the L2 factors of a finished run: `tools/plot_factors.py RUN_DIR [--out DIR]`
+(`adaptive-l2-plot`)."""
+import sys
 
-from adaptive_l2.plotting import plot_factors
+from adaptive_l2.cli.plot import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("run_dir", help="a run's OUTPUT_DIR (holds l2_factors.jsonl)")
-    parser.add_argument("--out", default="", help="folder for the PNG files (default RUN_DIR)")
-    args = parser.parse_args()
-    for path in plot_factors(args.run_dir, args.out):
-        print(path)
+    sys.exit(main())

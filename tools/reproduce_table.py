@@ -1,88 +1,9 @@
 #!/usr/bin/env python3
-"""Rebuild the paper's results table, or the same pipeline on the embedded synthetic dataset.
-
-  tools/reproduce_table.py --suite paper --dry-run          # one command per row, with its cost
-  tools/reproduce_table.py --suite paper --rows Market1501,DukeMTMC/adaptive_l2_R50 --num-gpus 4
-  tools/reproduce_table.py --suite paper --gpus 0,1,2,3      # one row per GPU, side by side
-  tools/reproduce_table.py --suite paper --emit-commands jobs.txt   # one line per row, job arrays
-  tools/reproduce_table.py --suite paper --collect          # the table from finished runs
-  tools/reproduce_table.py --suite synthetic                # CPU, minutes: the demo
-Rows already finished are kept; an interrupted row resumes from its last checkpoint; a failed row
-is reported and the others go on (exit status 1 at the end).
-"""
-import argparse
-import os
-import shlex
+"""Rebuild the paper's results table, or the synthetic demo (`adaptive-l2-table`); see
+adaptive_l2/cli/table.py or `--help` for the options."""
 import sys
 
-from adaptive_l2.reproduce import (MEASURED_STEPS, WARMUP_STEPS, collect_and_write, dry_run,
-                                   gpu_slots, output_dir, row_status, run_suite, select_rows,
-                                   suite_rows, train_command)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--suite", choices=["paper", "synthetic"], default="paper")
-    parser.add_argument("--rows", type=lambda text: [r for r in text.split(",") if r], default=[],
-                        help="comma-separated subset: DATASET, ROW or DATASET/ROW names "
-                             "(default: all)")
-    parser.add_argument("--with-sgp", action="store_true",
-                        help="add the SGP (reconstructed from the abstract) and AT comparator rows")
-    parser.add_argument("--output-root", default="",
-                        help="runs go to OUTPUT_ROOT/DATASET/ROW (default logs/paper or logs/synthetic)")
-    parser.add_argument("--num-gpus", type=int, default=1,
-                        help="processes (GPUs) per row: DDP within a row")
-    parser.add_argument("--gpus", default="",
-                        help="GPU indices, e.g. 0,1,2,3: rows run side by side, one per group of "
-                             "--num-gpus GPUs (CUDA_VISIBLE_DEVICES per row, MODEL.DEVICE cuda)")
-    parser.add_argument("--launcher", choices=["launch", "torchrun"], default="launch")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands and their cost")
-    parser.add_argument("--no-measure", action="store_true", help="dry run without timing steps")
-    parser.add_argument("--device", default="", help="device the dry run times steps on")
-    parser.add_argument("--measure-steps", type=int, default=MEASURED_STEPS,
-                        help=f"dry run: median of this many training steps (default {MEASURED_STEPS}) "
-                             f"after {WARMUP_STEPS} warm-up steps")
-    parser.add_argument("--emit-commands", default="", help="write one command per row to FILE")
-    parser.add_argument("--collect", action="store_true", help="only collect finished runs")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every row")
-    args = parser.parse_args()
-
-    root = args.output_root or os.path.join("logs", args.suite)
-    try:
-        rows = select_rows(suite_rows(args.suite, args.with_sgp), args.rows)
-        if args.gpus:
-            gpu_slots(args.gpus, args.num_gpus)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.dry_run:
-        import torch
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        print(dry_run(rows, root, args.opts, args.num_gpus, args.launcher, device,
-                      measure=not args.no_measure, gpus=args.gpus, steps=args.measure_steps))
-        return
-    if args.emit_commands:
-        with open(args.emit_commands, "w") as handle:
-            for row in rows:
-                resume = row_status(output_dir(row, root)) == "interrupted"
-                handle.write(shlex.join(train_command(row, root, args.opts, args.num_gpus,
-                                                      args.launcher, resume)) + "\n")
-        print(f"{len(rows)} commands written to {args.emit_commands}")
-        return
-    failure = None
-    if not args.collect:
-        try:
-            run_suite(rows, root, args.opts, args.num_gpus, args.launcher, gpus=args.gpus)
-        except RuntimeError as error:  # the table of what finished is still written
-            failure = error
-    table, paths = collect_and_write(rows, root, args.opts, draw_factors=args.suite == "synthetic")
-    print(table)
-    for path in paths:
-        print(f"written: {path}")
-    if failure is not None:
-        print(f"[reproduce] {failure}", file=sys.stderr)
-        sys.exit(1)
-
+from adaptive_l2.cli.table import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Train or evaluate a fast-reid model with the project's regularizers.
+"""Train or evaluate a fast-reid model with the project's regularizers (`adaptive-l2-train`).
 
-fast-reid's conventions: --config-file, --eval-only, --resume, --num-gpus (processes per machine;
-CPU processes with MODEL.DEVICE cpu), --num-machines, --machine-rank, --dist-url, then KEY VALUE
-config overrides. Under torchrun, start one process per GPU without --num-gpus.
+fast-reid's conventions: --config-file, --eval-only, --resume, --num-gpus, --num-machines,
+--machine-rank, --dist-url, then KEY VALUE config overrides. See adaptive_l2/cli/train.py.
 """
-from adaptive_l2.cli import main_from_command_line
+import sys
+
+from adaptive_l2.cli.train import main
 
 if __name__ == "__main__":
-    main_from_command_line()
+    sys.exit(main())

@@ -1,55 +1,28 @@
-"""What tools/train_net.py runs: config set-up, training or evaluation, in one or many processes."""
+"""`adaptive-l2-train` (and tools/train_net.py): training or evaluation, in one or many processes.
+
+fast-reid's conventions: --config-file, --eval-only, --resume, --num-gpus (processes per machine;
+CPU processes with MODEL.DEVICE cpu), --num-machines, --machine-rank, --dist-url, then KEY VALUE
+config overrides. Under torchrun, start one process per GPU without --num-gpus.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
 from typing import List, Optional
 
-import yaml
-from fastreid.config import get_cfg
 from fastreid.engine import default_argument_parser, default_setup
 
 from adaptive_l2.checkpoint import load_for_evaluation
-from adaptive_l2.config import add_reg_config, check_config
+from adaptive_l2.config import config_file_path, load_config
 from adaptive_l2.distributed import launch, started_by_torchrun
-from adaptive_l2.run_lock import RESULTS_FILE, claim_output_dir
+from adaptive_l2.run_lock import claim_output_dir
 from adaptive_l2.trainer import Trainer, prepare_run, write_results
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESULTS_FILE", "load_config", "main", "main_from_command_line"]
-
-
-def _config_error(where: str, error: Exception) -> Exception:
-    """yacs reports a typo as KeyError or AssertionError and a wrong type as ValueError or
-    AssertionError; say where, and keep KeyError for unknown keys."""
-    message = f"{where}: {error.args[0] if error.args else error}"
-    return KeyError(message) if "Non-existent" in message else ValueError(message)
-
-
-def load_config(config_file: str, opts: Optional[List[str]] = None):
-    """fast-reid defaults + the project's keys + the YAML + command-line overrides, checked."""
-    cfg = get_cfg()
-    add_reg_config(cfg)
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"--config-file '{config_file}' does not exist")
-        try:
-            cfg.merge_from_file(config_file)
-        except (UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError) as error:
-            # a binary file, broken YAML, or YAML that is not a mapping of keys
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ValueError(f"--config-file '{config_file}' is not a YAML config of KEY: value "
-                             f"lines ({type(error).__name__}: {reason})") from error
-        except (KeyError, AssertionError, ValueError) as error:
-            raise _config_error(f"{config_file}", error) from error
-    try:
-        cfg.merge_from_list(opts or [])
-    except (KeyError, AssertionError, ValueError) as error:
-        raise _config_error("command-line override", error) from error
-    check_config(cfg)
-    return cfg
+__all__ = ["main", "train_or_evaluate"]
 
 
 def setup(args):
@@ -72,7 +45,8 @@ def evaluation_config(cfg):
     return cfg
 
 
-def main(args):
+def train_or_evaluate(args):
+    """One process's work: train (or resume), or evaluate MODEL.WEIGHTS with --eval-only."""
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(evaluation_config(cfg))
@@ -93,11 +67,13 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main_from_command_line(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
+    """The command line: the config is loaded (and refused) before any process is spawned."""
     args = build_argument_parser().parse_args(argv)
     if not args.config_file:
         raise ValueError("--config-file is required (e.g. configs/Synthetic/Base-Synthetic.yml): "
                          "without it fast-reid's defaults would train a CUDA ResNet50 on Market1501")
+    args.config_file = config_file_path(args.config_file)  # the shipped copy if not here
     cfg = load_config(args.config_file, args.opts)  # fail fast, before any process is spawned
     # One run per OUTPUT_DIR, locked before anything is written there (by the first process only).
     lock = None
@@ -105,9 +81,13 @@ def main_from_command_line(argv: Optional[List[str]] = None) -> None:
     if first:
         lock = claim_output_dir(cfg.OUTPUT_DIR, resume=args.resume, overwrite=args.overwrite)
     try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        launch(train_or_evaluate, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,),
                use_cuda=str(cfg.MODEL.DEVICE).startswith("cuda"))
     finally:
         if lock is not None:
             lock.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""What tools/attack_eval.py runs: a checkpoint's Rank-1 / mAP clean and under metric attacks.
+"""`adaptive-l2-attack` (and tools/attack_eval.py): a checkpoint's Rank-1 / mAP clean and under metric attacks.
 
 The attacks (FGSM and PGD-10 at eps 2, 4, 8 on the 0-255 scale, query images only, gallery clean)
 are the project's own protocol, written for comparing the baseline, adaptive L2, SGP
@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Dict, List, Optional
 
 from fastreid.utils.logger import setup_logger
 
 from adaptive_l2.checkpoint import load_for_evaluation
-from adaptive_l2.cli import load_config
+from adaptive_l2.config import load_config
 from adaptive_l2.sgp.robustness import (STANDARD_ATTACKS, AttackSpec, evaluate_robustness,
                                         format_robustness_table)
 from adaptive_l2.trainer import Trainer
@@ -59,7 +60,8 @@ def attack_evaluation(config_file: str, opts: List[str], attacks: List[AttackSpe
     return report
 
 
-def main_from_command_line(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
+    """`--config-file CFG [--attack fgsm:4 ...] MODEL.WEIGHTS run/model_final.pth [KEY VALUE ...]`"""
     parser = argparse.ArgumentParser(description="Rank-1 / mAP clean and under metric attacks")
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--attack", action="append", default=[],
@@ -70,3 +72,7 @@ def main_from_command_line(argv: Optional[List[str]] = None) -> None:
                         help="KEY VALUE overrides; MODEL.WEIGHTS names the checkpoint")
     args = parser.parse_args(argv)
     attack_evaluation(args.config_file, args.opts, parse_attacks(args.attack), args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
