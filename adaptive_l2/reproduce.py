@@ -23,10 +23,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from adaptive_l2.config import load_config, shipped_configs_dir
-from adaptive_l2.hooks import EVAL_HISTORY_FILE
+from adaptive_l2.hooks import EVAL_HISTORY_FILE, METRICS_FILE
 from adaptive_l2.run_lock import RESULTS_FILE
 
 # A row's training process: the package's own train tool, so an installed package needs no clone.
@@ -55,7 +55,7 @@ PAPER_ROWS = ("conventional_l2_R50", "adaptive_l2_R50", "adaptive_l2_R101", "ada
 RERANK_SUFFIX = "_rerank"
 SYNTHETIC_ROWS = ("baseline", "conventional_l2", "adaptive_l2")
 SYNTHETIC_SGP_ROWS = ("sgp", "adaptive_l2_sgp", "at")
-CONSOLE_FILE = "console.txt"  # a row's stdout and stderr when rows run side by side
+CONSOLE_FILE = "console.txt"  # a row's command, stdout and stderr (the console shows one line)
 
 
 @dataclass(frozen=True)
@@ -315,6 +315,57 @@ class _Running:
     slot: Optional[str]
     started: float
     log_file: Optional[object]
+    iterations: int = 0  # the row's total iterations (0: an evaluation)
+    first_seen: Optional[Tuple[int, float]] = None  # (iteration, time) of its first logged step
+    eta: str = ""
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _last_logged_iteration(directory: str) -> Optional[int]:
+    """The iteration of the newest complete record of the row's metrics.json (written by
+    fast-reid every SOLVER.LOG_PERIOD iterations), or None before the first one."""
+    path = os.path.join(directory, METRICS_FILE)
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - 4096))
+            lines = handle.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["iteration"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _update_eta(job: _Running, output_root: str, now: float) -> None:
+    """The row's ETA from its own pace: time per iteration since its first logged step."""
+    if not job.iterations:
+        return
+    iteration = _last_logged_iteration(output_dir(job.row, output_root))
+    if iteration is None:
+        return
+    if job.first_seen is None or iteration < job.first_seen[0]:
+        job.first_seen = (iteration, now)
+        return
+    done = iteration - job.first_seen[0]
+    if done > 0:
+        per_iteration = (now - job.first_seen[1]) / done
+        job.eta = (f"it {iteration + 1}/{job.iterations}, ETA "
+                   f"{_format_seconds(per_iteration * (job.iterations - iteration - 1))}")
+
+
+def _console_progress(line: str) -> None:
+    """One line rewritten in place on a terminal; nothing when the output is a file or a pipe."""
+    if sys.stdout.isatty():
+        sys.stdout.write("\r\033[K" + line)
+        sys.stdout.flush()
 
 
 def _row_ready(row: Row, pending: Sequence[Row], running: Sequence[_Running]) -> bool:
@@ -329,12 +380,14 @@ def _row_ready(row: Row, pending: Sequence[Row], running: Sequence[_Running]) ->
 def run_suite(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gpus: int,
               launcher: str, log=print, gpus: str = "",
               start_process: Callable[..., subprocess.Popen] = subprocess.Popen,
-              poll_seconds: float = 0.5) -> List[str]:
+              poll_seconds: float = 0.5,
+              progress: Callable[[str], None] = _console_progress) -> List[str]:
     """Train (or, for a dagger row, evaluate) every row not finished yet; returns the keys run.
 
-    Without `gpus`, one row at a time, its output on this console. With `gpus` ('0,1,2,3'), one
-    row per slot of `num_gpus` GPUs side by side (CUDA_VISIBLE_DEVICES per child, MODEL.DEVICE
-    cuda: the paper's single-GPU protocol), each child's output in its OUTPUT_DIR/console.txt.
+    Without `gpus`, one row at a time. With `gpus` ('0,1,2,3'), one row per slot of `num_gpus`
+    GPUs side by side (CUDA_VISIBLE_DEVICES per child, MODEL.DEVICE cuda: the paper's single-GPU
+    protocol). Each child's command and output go to its OUTPUT_DIR/console.txt; `log` gets one
+    line when a row starts and one when it ends, `progress` the running rows' iteration and ETA.
     A failed row is reported and the others go on; RuntimeError at the end names the failures.
     `start_process` (subprocess.Popen's signature) is the seam the tests use.
     """
@@ -344,11 +397,12 @@ def run_suite(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gp
     running: List[_Running] = []
     failures: Dict[str, str] = {}
     ran: List[str] = []
+    pace: Dict[str, float] = {}  # seconds per iteration of the rows finished so far (with evaluation)
     try:
         while pending or running:
             for job in [j for j in running if j.process.poll() is not None]:
                 running.remove(job)
-                _finish(job, output_root, failures, log)
+                _finish(job, output_root, failures, log, pace)
             for row in list(pending):
                 free = [s for s in slots if s not in {j.slot for j in running}]
                 if not free:
@@ -357,12 +411,16 @@ def run_suite(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gp
                     continue
                 pending.remove(row)
                 job = _start_row(row, output_root, row_opts, num_gpus, launcher, free[0], failures,
-                                 log, start_process)
+                                 log, start_process, pace)
                 if job is not None:
                     running.append(job)
                     ran.append(row.key)
             if running:
                 time.sleep(poll_seconds)
+                now = time.perf_counter()
+                for job in running:
+                    _update_eta(job, output_root, now)
+                progress("  ".join(f"{j.row.key}: {j.eta or 'starting'}" for j in running))
     finally:
         for job in running:  # interrupted (Ctrl-C or an error here): stop our children
             job.process.terminate()
@@ -374,7 +432,8 @@ def run_suite(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gp
 
 def _start_row(row: Row, output_root: str, opts: Sequence[str], num_gpus: int, launcher: str,
                slot: Optional[str], failures: Dict[str, str], log,
-               start_process: Callable[..., subprocess.Popen]) -> Optional[_Running]:
+               start_process: Callable[..., subprocess.Popen],
+               pace: Optional[Dict[str, float]] = None) -> Optional[_Running]:
     directory = output_dir(row, output_root)
     status = row_status(directory)
     if status == "done":
@@ -388,30 +447,39 @@ def _start_row(row: Row, output_root: str, opts: Sequence[str], num_gpus: int, l
     command = train_command(row, output_root, opts, num_gpus, launcher,
                             resume=status == "interrupted")
     env = dict(os.environ)
-    log_file = None
     where = ""
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot
-        os.makedirs(directory, exist_ok=True)
-        log_file = open(os.path.join(directory, CONSOLE_FILE), "a")
-        where = f" on GPU {slot} (console: {_short(os.path.join(directory, CONSOLE_FILE))})"
-    action = "evaluating" if row.evaluates else ("resuming" if status == "interrupted" else "training")
-    log(f"[reproduce] {row.key}: {action}{where}\n  {shlex.join(command)}")
+        where = f" on GPU {slot}"
+    os.makedirs(directory, exist_ok=True)
+    console = os.path.join(directory, CONSOLE_FILE)
+    log_file = open(console, "a")
+    log_file.write(f"$ {shlex.join(command)}\n")
+    log_file.flush()
+    iterations = 0 if row.evaluates else iterations_of(row, opts)
+    action = "evaluating" if row.evaluates else \
+        f"{'resuming' if status == 'interrupted' else 'training'} ({iterations} iterations)"
+    if iterations and pace:  # the rows before it set the pace (the demo's rows are alike)
+        action += f", ETA ~{_format_seconds(iterations * statistics.median(pace.values()))}"
+    log(f"[reproduce] {row.key}: {action}{where}, output in {_short(console)}")
     process = start_process(command, cwd=os.getcwd(), env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT if log_file else None)
-    return _Running(row, process, slot, time.perf_counter(), log_file)
+                            stderr=subprocess.STDOUT)
+    return _Running(row, process, slot, time.perf_counter(), log_file, iterations)
 
 
-def _finish(job: _Running, output_root: str, failures: Dict[str, str], log) -> None:
-    if job.log_file is not None:
-        job.log_file.close()
+def _finish(job: _Running, output_root: str, failures: Dict[str, str], log,
+            pace: Optional[Dict[str, float]] = None) -> None:
+    job.log_file.close()
+    _console_progress("")  # clear the progress line before the row's last line
     seconds = time.perf_counter() - job.started
     code = job.process.returncode
     if code == 0:
+        if pace is not None and job.iterations:
+            pace[job.row.key] = seconds / job.iterations
         log(f"[reproduce] {job.row.key}: done in {seconds:.0f} s")
         return
     directory = _short(output_dir(job.row, output_root))
-    failures[job.row.key] = f"exit {code} after {seconds:.0f} s, log in {directory}/log.txt"
+    failures[job.row.key] = f"exit {code} after {seconds:.0f} s, output in {directory}/{CONSOLE_FILE}"
     log(f"[reproduce] {job.row.key}: FAILED ({failures[job.row.key]}); the other rows go on")
 
 

@@ -259,3 +259,41 @@ def test_run_all_runs_each_benchmark_and_reports_failures(tmp_path, capsys):
     assert [os.path.basename(s) for s in run_all.benchmark_scripts()] == [
         "bench_keras_adam.py", "bench_penalty.py", "bench_rerank.py", "bench_sgp.py"]
     assert set(run_all.SHORT_ARGS) == {"bench_penalty.py", "bench_rerank.py", "bench_sgp.py"}
+
+
+# Stands in for a training run: 300 lines of chatter, and a metrics.json record per "iteration".
+CHATTY_TRAIN = r'''
+import json, os, sys, time
+args = sys.argv[1:]
+out = args[len(args) - 1 - args[::-1].index("OUTPUT_DIR") + 1]
+os.makedirs(out, exist_ok=True)
+for line in range(300):
+    print("config and log line", line)
+with open(os.path.join(out, "metrics.json"), "a") as handle:
+    for iteration in range(6):
+        handle.write(json.dumps({"iteration": iteration, "total_loss": 1.0}) + "\n")
+        handle.flush()
+        time.sleep(0.15)
+with open(os.path.join(out, "final_results.json"), "w") as handle:
+    json.dump({"mAP": 50.0, "Rank-1": 60.0}, handle)
+'''
+
+
+def test_rows_print_one_line_each_with_eta_and_their_output_goes_to_their_folder(tmp_path):
+    script = tmp_path / "chatty.py"
+    script.write_text(CHATTY_TRAIN)
+    root = str(tmp_path / "runs")
+    rows = select_rows(suite_rows("synthetic"), ["baseline", "adaptive_l2"])
+    messages, progress = [], []
+    ran = run_suite(rows, root, ["SOLVER.MAX_EPOCH", "2", "SOLVER.ITERS_PER_EPOCH", "3"], 1, "launch",
+                    log=messages.append, start_process=_fake_launcher(str(script)),
+                    poll_seconds=0.05, progress=progress.append)
+    assert ran == ["Synthetic/baseline", "Synthetic/adaptive_l2"]
+    assert len(messages) == 4  # a start line and an end line per row, nothing of the children's
+    assert messages[0].startswith("[reproduce] Synthetic/baseline: training (6 iterations)")
+    assert "ETA" not in messages[0] and "ETA ~" in messages[2]  # the first row sets the pace
+    assert messages[1].startswith("[reproduce] Synthetic/baseline: done in")
+    assert any("Synthetic/adaptive_l2: it 6/6, ETA 0m00s" in p for p in progress)
+    console = open(os.path.join(root, "Synthetic", "baseline", "console.txt")).read()
+    assert console.startswith("$ ") and "-m adaptive_l2.cli.train" in console.splitlines()[0]
+    assert "config and log line 299" in console
