@@ -556,7 +556,7 @@ def patch_default_trainer_refuses_l2_terms() -> None:
     """Make fast-reid's stock `DefaultTrainer` refuse a config that asks for an L2 term.
 
     The term is attached by `adaptive_l2.Trainer.build_model`; the stock trainer builds the bare
-    model, so with MODEL.REG.ADAPTIVE / CONVENTIONAL.ENABLED True it trains without any term, and
+    model, so with MODEL.REG.NAME adaptive / conventional it trains without any term, and
     says nothing (its contiguous optimizer does not train on torch 2 either, see
     `adaptive_l2.optim`). Its `build_model` now raises, naming the key and the trainer to use.
     """
@@ -565,16 +565,16 @@ def patch_default_trainer_refuses_l2_terms() -> None:
     host_build_model = DefaultTrainer.__dict__["build_model"].__func__
 
     def build_model(cls, cfg):
+        from adaptive_l2.config import l2_term
         from adaptive_l2.trainer import Trainer
 
-        reg = getattr(cfg.MODEL, "REG", None)
-        asked = reg is not None and (reg.ADAPTIVE or reg.CONVENTIONAL.ENABLED)
-        if asked and not issubclass(cls, Trainer):
-            key = "MODEL.REG.ADAPTIVE" if reg.ADAPTIVE else "MODEL.REG.CONVENTIONAL.ENABLED"
+        term, key = l2_term(cfg) if hasattr(cfg.MODEL, "REG") else ("none", "")
+        if term != "none" and not issubclass(cls, Trainer):
             raise ValueError(
-                f"{key} is True but {cls.__name__} is fast-reid's DefaultTrainer, which builds the "
-                "model without the L2 term (it would train silently without it): train with "
-                "adaptive_l2.Trainer (tools/train_net.py), or set the key to False.")
+                f"{key} asks for the {term} L2 term but {cls.__name__} is fast-reid's "
+                "DefaultTrainer, which builds the model without it (it would train silently "
+                "without it): train with adaptive_l2.Trainer (adaptive-l2-train), or set "
+                "MODEL.REG.NAME none.")
         return host_build_model(cls, cfg)
 
     DefaultTrainer.build_model = classmethod(build_model)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from importlib import resources
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import yaml
@@ -50,9 +51,11 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.SOLVER.EPOCH_LR.RESTART_EPOCH = 0  # > 0: the table starts again here (phase B)
 
     cfg.MODEL.REG = CN()
-    # Adaptive L2 (Ni et al. 2020): penalty sum_n A_n * hard_sigmoid(theta_n) * ||W_n||^2,
-    # one trainable theta_n (init 0) per trainable tensor W_n.
-    cfg.MODEL.REG.ADAPTIVE = False
+    # The L2 term: "adaptive" (Ni et al. 2020: sum_n A_n * hard_sigmoid(theta_n) * ||W_n||^2, one
+    # trainable theta_n, init 0, per trainable tensor W_n), "conventional" (FACTOR * sum_n ||W_n||^2)
+    # or "none"
+    cfg.MODEL.REG.NAME = "none"
+    cfg.MODEL.REG.ADAPTIVE = False  # deprecated: MODEL.REG.NAME adaptive (still read, with a warning)
     cfg.MODEL.REG.AMPLITUDE = 0.005  # A, the largest factor a tensor can get
     cfg.MODEL.REG.AMPLITUDE_PER_KIND = CN()  # per kind of tensor; a negative value means AMPLITUDE
     cfg.MODEL.REG.AMPLITUDE_PER_KIND.KERNEL = -1.0  # conv / linear weights (the classifier too)
@@ -62,6 +65,7 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.MODEL.REG.LOG_PERIOD = 1  # epochs between factor logs (event storage + factors.jsonl)
     # Conventional L2 baseline on the same tensors: penalty FACTOR * sum_n ||W_n||^2
     # (gradient 2 * FACTOR * W: the original's Keras l2(0.005) equals torch weight decay 0.01).
+    # ENABLED is deprecated: MODEL.REG.NAME conventional (still read, with a warning)
     cfg.MODEL.REG.CONVENTIONAL = CN({"ENABLED": False})
     cfg.MODEL.REG.CONVENTIONAL.FACTOR = 0.005
 
@@ -120,17 +124,44 @@ def add_reg_config(cfg: CN) -> CN:
     return cfg
 
 
+L2_TERMS = ("adaptive", "conventional", "none")
+_DEPRECATED_SWITCHES = (("MODEL.REG.ADAPTIVE", "adaptive"),
+                        ("MODEL.REG.CONVENTIONAL.ENABLED", "conventional"))
+
+
+def l2_term(cfg: CN) -> Tuple[str, str]:
+    """The L2 term the config asks for, and the key that asks for it: MODEL.REG.NAME, or one of
+    the deprecated switches MODEL.REG.ADAPTIVE / CONVENTIONAL.ENABLED (read with a FutureWarning,
+    so configs written for them keep training the same term)."""
+    reg = cfg.MODEL.REG
+    name = str(reg.NAME).lower()
+    if name not in L2_TERMS:
+        raise ValueError(f"MODEL.REG.NAME must be one of {', '.join(L2_TERMS)}, got '{reg.NAME}'")
+    switched = [(key, term) for key, term in _DEPRECATED_SWITCHES
+                if (reg.ADAPTIVE if term == "adaptive" else reg.CONVENTIONAL.ENABLED)]
+    if len(switched) == 2:
+        raise ValueError(
+            "MODEL.REG.ADAPTIVE and MODEL.REG.CONVENTIONAL.ENABLED are both True: the tensors would "
+            "be penalized twice. Set MODEL.REG.NAME to adaptive or conventional instead.")
+    if not switched:
+        return name, "MODEL.REG.NAME"
+    key, term = switched[0]
+    if name not in ("none", term):
+        raise ValueError(f"MODEL.REG.NAME is '{name}' but the deprecated {key} is True: set only "
+                         "MODEL.REG.NAME")
+    warnings.warn(f"{key} is deprecated: set MODEL.REG.NAME {term} instead", FutureWarning,
+                  stacklevel=2)
+    return term, key
+
+
 def regularizer_enabled(cfg: CN) -> bool:
-    return bool(cfg.MODEL.REG.ADAPTIVE or cfg.MODEL.REG.CONVENTIONAL.ENABLED)
+    """Whether an L2 term (adaptive or conventional) replaces the optimizer's weight decay."""
+    return l2_term(cfg)[0] != "none"
 
 
 def check_config(cfg: CN) -> None:
     """Refuse impossible or unsupported combinations before anything is built."""
-    if cfg.MODEL.REG.ADAPTIVE and cfg.MODEL.REG.CONVENTIONAL.ENABLED:
-        raise ValueError(
-            "MODEL.REG.ADAPTIVE and MODEL.REG.CONVENTIONAL.ENABLED are both True: the tensors would "
-            "be penalized twice. Switch one of them off."
-        )
+    l2_term(cfg)  # a known MODEL.REG.NAME, no contradicting deprecated switch
     if cfg.MODEL.REG.AMPLITUDE < 0:
         raise ValueError(f"MODEL.REG.AMPLITUDE must be >= 0, got {cfg.MODEL.REG.AMPLITUDE}")
     if cfg.MODEL.REG.CONVENTIONAL.FACTOR < 0:
@@ -150,7 +181,7 @@ def check_config(cfg: CN) -> None:
         raise ValueError("MODEL.REG.AT.EPS must be > 0 and MODEL.REG.AT.STEPS >= 1")
     if cfg.MODEL.REG.AT.ENABLED and cfg.MODEL.REG.AT.WEIGHT != 1.0 and regularizer_enabled(cfg):
         raise ValueError("MODEL.REG.AT.WEIGHT != 1 runs two forwards per step, each adding the L2 "
-                         "penalty: use MODEL.REG.AT.WEIGHT 1.0 with MODEL.REG.ADAPTIVE / CONVENTIONAL")
+                         "penalty: use MODEL.REG.AT.WEIGHT 1.0 with MODEL.REG.NAME adaptive / conventional")
     divergence = cfg.SOLVER.DIVERGENCE
     if divergence.ENABLED and not (divergence.FACTOR > 1 and divergence.EARLY_ITERS >= 1):
         raise ValueError("SOLVER.DIVERGENCE.FACTOR must be > 1 and SOLVER.DIVERGENCE.EARLY_ITERS "

@@ -14,8 +14,8 @@ def read_factor_log(run_dir: str) -> List[Dict]:
     path = os.path.join(run_dir, FACTORS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path} not found: the run in {run_dir} did not train with MODEL.REG.ADAPTIVE or "
-            "MODEL.REG.CONVENTIONAL.ENABLED, or is not a run folder")
+            f"{path} not found: the run in {run_dir} did not train with an L2 term (MODEL.REG.NAME "
+            "adaptive or conventional), or is not a run folder")
     records = read_json_lines(path)
     if not records:
         raise ValueError(f"{path} holds no record")

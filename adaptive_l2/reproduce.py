@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from adaptive_l2.config import load_config, shipped_configs_dir
+from adaptive_l2.config import l2_term, load_config, shipped_configs_dir
 from adaptive_l2.hooks import EVAL_HISTORY_FILE, METRICS_FILE
 from adaptive_l2.run_lock import RESULTS_FILE
 
@@ -287,7 +287,7 @@ def dry_run(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gpus
             cfg = load_config(row.config, [*opts, "MODEL.DEVICE", "cpu"])
             key = (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.DEPTH,
                    tuple(cfg.INPUT.SIZE_TRAIN), cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.REG.AT.ENABLED,
-                   cfg.MODEL.REG.AT.STEPS, cfg.MODEL.REG.SGP.ENABLED, cfg.MODEL.REG.ADAPTIVE)
+                   cfg.MODEL.REG.AT.STEPS, cfg.MODEL.REG.SGP.ENABLED, l2_term(cfg)[0])
             if key not in cache:
                 cache[key] = measure_seconds_per_iteration(row, opts, device, warmup, steps)
             seconds = cache[key] * iterations / max(1, num_gpus)

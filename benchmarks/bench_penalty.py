@@ -31,7 +31,7 @@ from adaptive_l2.trainer import Trainer
 
 def build(adaptive: bool, args):
     opts = ["MODEL.DEVICE", args.device, "MODEL.BACKBONE.DEPTH", args.depth,
-            "MODEL.HEADS.NUM_CLASSES", "751", "MODEL.REG.ADAPTIVE", str(adaptive),
+            "MODEL.HEADS.NUM_CLASSES", "751", "MODEL.REG.NAME", "adaptive" if adaptive else "none",
             "SOLVER.AMP.ENABLED", str(args.amp), "SEED", "0"]
     cfg = load_config("configs/Base-ReID.yml", opts)
     torch.manual_seed(0)

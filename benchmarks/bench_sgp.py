@@ -160,7 +160,7 @@ def count_syncs(args) -> None:
             "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512",
             "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.HEADS.NUM_CLASSES", "2",
             "MODEL.TWO_BRANCH.REGIONAL_DIM", "32", "MODEL.FREEZE_LAYERS", "[]",
-            "MODEL.REG.ADAPTIVE", "True", "SOLVER.AMP.ENABLED", "False", "SEED", "0", *extra])
+            "MODEL.REG.NAME", "adaptive", "SOLVER.AMP.ENABLED", "False", "SEED", "0", *extra])
         torch.manual_seed(0)
         model = Trainer.build_model(cfg)
         optimizer, _ = Trainer.build_optimizer(cfg, model)

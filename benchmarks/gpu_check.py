@@ -231,7 +231,7 @@ def check_step_ratios(args, record: dict) -> None:
     """The trainer's step on one fixed batch: none, L2 term on, SGP on; interleaved rounds."""
     s = args.settings
     common = ["MODEL.HEADS.NUM_CLASSES", "751", "MODEL.REG.SGP.START_ITER", "0"]
-    configs = {"none": paper_config(args, "adaptive_l2", [*common, "MODEL.REG.ADAPTIVE", "False"]),
+    configs = {"none": paper_config(args, "adaptive_l2", [*common, "MODEL.REG.NAME", "none"]),
                "adaptive_l2": paper_config(args, "adaptive_l2", common),
                "sgp": paper_config(args, "sgp", common)}
     from fastreid.utils.events import EventStorage

@@ -143,7 +143,7 @@ def test_optimizer_step_applies_the_weight_gradient_once(dataset_root, tmp_path)
     torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=0.1)
     cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
-                   "MODEL.REG.CONVENTIONAL.ENABLED", "True", "SOLVER.OPT", "SGD",
+                   "MODEL.REG.NAME", "conventional", "SOLVER.OPT", "SGD",
                    "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0")
     model = Trainer.build_model(cfg)
     optimizer, _ = build_optimizer(cfg, model)
@@ -162,7 +162,7 @@ def test_optimizer_step_applies_the_weight_gradient_once(dataset_root, tmp_path)
 ])
 def test_one_theta_per_trainable_tensor(dataset_root, tmp_path, extra):
     cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
-                   "MODEL.REG.ADAPTIVE", "True", *extra)
+                   "MODEL.REG.NAME", "adaptive", *extra)
     model = Trainer.build_model(cfg)
     penalty = model.l2_penalty
     theta_ids = {id(t) for t in penalty.thetas}
@@ -177,12 +177,12 @@ def test_one_theta_per_trainable_tensor(dataset_root, tmp_path, extra):
     assert isinstance(feats, torch.Tensor)  # evaluation output untouched
 
 
-@pytest.mark.parametrize("term", ["MODEL.REG.ADAPTIVE", "MODEL.REG.CONVENTIONAL.ENABLED"])
+@pytest.mark.parametrize("term", ["adaptive", "conventional"])
 def test_every_group_has_zero_weight_decay_with_a_term_on(dataset_root, tmp_path, term):
     from fastreid.config import get_cfg
 
     assert get_cfg().SOLVER.WEIGHT_DECAY == 0.0005  # fast-reid's default would penalize twice
-    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", term, "True",
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.NAME", term,
                    "SOLVER.WEIGHT_DECAY", "0.0005", "SOLVER.WEIGHT_DECAY_NORM", "0.0005",
                    "SOLVER.WEIGHT_DECAY_BIAS", "0.0005")
     model = Trainer.build_model(cfg)
@@ -196,7 +196,7 @@ def test_every_group_has_zero_weight_decay_with_a_term_on(dataset_root, tmp_path
 
 def test_frozen_tensor_keeps_its_theta_until_unfrozen(dataset_root, tmp_path):
     cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
-                   "MODEL.REG.ADAPTIVE", "True", "MODEL.FREEZE_LAYERS", '["backbone"]',
+                   "MODEL.REG.NAME", "adaptive", "MODEL.FREEZE_LAYERS", '["backbone"]',
                    "SOLVER.FREEZE_ITERS", "2")
     model = Trainer.build_model(cfg)
     optimizer, _ = build_optimizer(cfg, model)
@@ -232,7 +232,7 @@ def test_checkpoint_restores_thetas_and_optimizer_state(dataset_root, tmp_path):
 
     from adaptive_l2.checkpoint import load_for_evaluation
 
-    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.ADAPTIVE", "True")
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.NAME", "adaptive")
     model = Trainer.build_model(cfg)
     optimizer, _ = build_optimizer(cfg, model)
     with EventStorage(0):
@@ -257,14 +257,14 @@ def test_checkpoint_restores_thetas_and_optimizer_state(dataset_root, tmp_path):
     load_for_evaluation(Trainer.build_model(cfg), str(tmp_path / "plain.pth"))
     # a checkpoint whose thetas belong to another model is refused
     other_cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4",
-                         "MODEL.REG.ADAPTIVE", "True", "MODEL.BACKBONE.DEPTH", "34x")
+                         "MODEL.REG.NAME", "adaptive", "MODEL.BACKBONE.DEPTH", "34x")
     torch.save({"model": Trainer.build_model(other_cfg).state_dict()}, tmp_path / "other.pth")
     with pytest.raises(ValueError):
         load_for_evaluation(Trainer.build_model(cfg), str(tmp_path / "other.pth"))
 
 
 def test_amplitude_per_kind_overrides_the_default(dataset_root, tmp_path):
-    cfg = load_config("", ["MODEL.REG.ADAPTIVE", "True", "MODEL.DEVICE", "cpu",
+    cfg = load_config("", ["MODEL.REG.NAME", "adaptive", "MODEL.DEVICE", "cpu",
                            "MODEL.REG.AMPLITUDE_PER_KIND.NORM_WEIGHT", "0.001"])
     from adaptive_l2.regularizers.l2 import amplitudes_from_config
 

@@ -28,8 +28,8 @@ _stepped = set()
 
 def _model_signature(cfg):
     reg = cfg.MODEL.REG
-    return (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.DEPTH, reg.ADAPTIVE,
-            reg.CONVENTIONAL.ENABLED, reg.SGP.ENABLED, reg.SGP.MODE, reg.AT.ENABLED)
+    return (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.DEPTH, reg.NAME, reg.SGP.ENABLED,
+            reg.SGP.MODE, reg.AT.ENABLED)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, REPO) for p in CONFIGS])

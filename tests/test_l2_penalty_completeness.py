@@ -47,11 +47,11 @@ def _penalty_step(penalty, owner=None):
         penalty.add_weight_gradients(owner)
 
 
-@pytest.mark.parametrize("term", ["MODEL.REG.ADAPTIVE", "MODEL.REG.CONVENTIONAL.ENABLED"])
+@pytest.mark.parametrize("term", ["adaptive", "conventional"])
 def test_penalty_state_lives_on_the_models_device_and_never_leaves_it(term):
     with torch.device("meta"):
         model = Small()
-    penalty = attach_l2_penalty(model, _reg_cfg(term, "True"))
+    penalty = attach_l2_penalty(model, _reg_cfg("MODEL.REG.NAME", term))
     state = list(penalty.parameters()) + list(penalty.buffers())
     assert len(state) >= 2 and {t.device.type for t in state} == {"meta"}
     assert penalty.factors().device.type == "meta"
@@ -72,7 +72,7 @@ def test_penalty_state_lives_on_the_models_device_and_never_leaves_it(term):
 @pytest.mark.parametrize("claimed", [False, True])
 def test_penalty_step_has_no_host_sync_on_cpu(claimed):
     model = Small()
-    penalty = attach_l2_penalty(model, _reg_cfg("MODEL.REG.ADAPTIVE", "True"))
+    penalty = attach_l2_penalty(model, _reg_cfg("MODEL.REG.NAME", "adaptive"))
     owner = Owner() if claimed else None
     if claimed:
         penalty.claim_weight_gradient(owner)
@@ -82,8 +82,8 @@ def test_penalty_step_has_no_host_sync_on_cpu(claimed):
 
 
 def _model_and_cfg(dataset_root, tmp_path):
-    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.ADAPTIVE",
-                   "True", "SOLVER.OPT", "SGD", "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0",
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.NAME",
+                   "adaptive", "SOLVER.OPT", "SGD", "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0",
                    "SOLVER.BIAS_LR_FACTOR", "1.0", "SOLVER.HEADS_LR_FACTOR", "1.0")
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
@@ -173,8 +173,8 @@ def test_stock_default_trainer_refuses_an_l2_term(dataset_root, tmp_path):
 
 
 def _decoupled_model(dataset_root, tmp_path, optimizer_name, lr, decoupled):
-    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.ADAPTIVE",
-                   "True", "MODEL.REG.DECOUPLED", str(decoupled), "SOLVER.OPT", optimizer_name,
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.NAME",
+                   "adaptive", "MODEL.REG.DECOUPLED", str(decoupled), "SOLVER.OPT", optimizer_name,
                    "SOLVER.BASE_LR", str(lr), "SOLVER.MOMENTUM", "0.0",
                    "SOLVER.BIAS_LR_FACTOR", "1.0", "SOLVER.HEADS_LR_FACTOR", "1.0")
     torch.manual_seed(0)
@@ -236,7 +236,7 @@ def test_decoupled_equals_coupled_with_plain_sgd(dataset_root, tmp_path):
 
 def test_decoupled_penalty_refuses_an_optimizer_that_cannot_apply_it():
     model = Small()
-    penalty = attach_l2_penalty(model, _reg_cfg("MODEL.REG.ADAPTIVE", "True",
+    penalty = attach_l2_penalty(model, _reg_cfg("MODEL.REG.NAME", "adaptive",
                                                 "MODEL.REG.DECOUPLED", "True"))
     with pytest.raises(RuntimeError, match="MODEL.REG.DECOUPLED"):
         penalty.penalty()

@@ -137,7 +137,7 @@ def synthetic_cfg(*opts):
 
 def test_build_optimizer_wraps_keras_adam_with_clipping_freeze_and_penalty():
     cfg = synthetic_cfg("SOLVER.OPT", "Adam", "SOLVER.ADAM_GLOBAL_STEP", "True",
-                        "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "MODEL.REG.ADAPTIVE", "True")
+                        "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "MODEL.REG.NAME", "adaptive")
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
     optimizer, _ = build_optimizer(cfg, model)

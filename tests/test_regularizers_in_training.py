@@ -34,7 +34,7 @@ def test_sgp_and_adversarial_training_train_and_log(dataset_root, tmp_path):
     out = tmp_path / "sgp"
     run_train_net(["--config-file", SYNTHETIC_BASE, *tiny_opts(
         dataset_root, out, "MODEL.REG.SGP.ENABLED", "True", "MODEL.REG.SGP.ALPHA", "0.2",
-        "MODEL.REG.ADAPTIVE", "True")])
+        "MODEL.REG.NAME", "adaptive")])
     with open(out / "metrics.json") as handle:
         records = [json.loads(line) for line in handle]
     measured = [r["sgp_relative_perturbation"] for r in records if "sgp_relative_perturbation" in r]

@@ -66,7 +66,7 @@ def step_config(meta_architecture: str, *extra: str):
         "MODEL.BACKBONE.STRIDE_IN_1X1", "False",  # R18 has no bottleneck
         "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.HEADS.NUM_CLASSES", str(NUM_CLASSES),
         "MODEL.TWO_BRANCH.REGIONAL_DIM", "32", "MODEL.FREEZE_LAYERS", "[]",
-        "MODEL.REG.ADAPTIVE", "True", "SOLVER.AMP.ENABLED", "False", "SEED", "0", *extra])
+        "MODEL.REG.NAME", "adaptive", "SOLVER.AMP.ENABLED", "False", "SEED", "0", *extra])
 
 
 def synthetic_batch(seed: int = 0) -> Dict[str, torch.Tensor]:

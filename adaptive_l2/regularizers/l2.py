@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from adaptive_l2.config import l2_term
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("kernel", "bias", "norm_weight", "norm_bias")
@@ -345,12 +347,13 @@ def attach_l2_penalty(model: nn.Module, cfg) -> Optional[L2PenaltyBase]:
     The model's training forward then returns its loss dict plus the penalty's entry.
     """
     reg = cfg.MODEL.REG
-    if not (reg.ADAPTIVE or reg.CONVENTIONAL.ENABLED):
+    term, _ = l2_term(cfg)
+    if term == "none":
         return None
     if hasattr(model, PENALTY_ATTRIBUTE):
         raise ValueError("the model already carries an L2 penalty")
     targets = regularized_tensors(model)
-    if reg.ADAPTIVE:
+    if term == "adaptive":
         penalty = AdaptiveL2Penalty(targets, amplitudes_from_config(reg))
     else:
         penalty = ConventionalL2Penalty(targets, reg.CONVENTIONAL.FACTOR)
