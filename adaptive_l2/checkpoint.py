@@ -31,11 +31,11 @@ from fastreid.utils.checkpoint import Checkpointer
 from torch import nn
 
 from adaptive_l2.regularizers.l2 import PENALTY_ATTRIBUTE
+from adaptive_l2.run_files import BEST_MODEL, LAST_CHECKPOINT
 
 logger = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "last_checkpoint"
-BEST_NAME = "model_best"
+BEST_NAME = BEST_MODEL
 # Periodic and final checkpoints, newest last when sorted by this key (model_final after all).
 _RESUMABLE = re.compile(r"^model_(\d{4,}|final)\.pth$")
 # What torch.load raises on a truncated, empty or foreign file.

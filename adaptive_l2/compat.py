@@ -6,8 +6,24 @@ small function with the reason in its docstring, applied once by :func:`apply_al
 test or a user can see which were needed. No patch copies host code: each swaps one name for a
 wrapper or a subclass.
 
-The silent no-training bug (contiguous parameter buffers) is not patched here: it is avoided by
-``adaptive_l2.optim.build_optimizer``, which the project's Trainer uses.
+Host code the project replaces rather than patches (through the plug-in idiom: a builder the
+Trainer overrides, a subclass, a wrapper), each module with its reason in its docstring:
+
+============================  ===================================================================
+where                         what of fast-reid it replaces, and why
+============================  ===================================================================
+``adaptive_l2.optim``         ``build_optimizer``: contiguous parameter buffers never update on
+                              torch 2 (the silent no-training bug); per-tensor groups instead
+``adaptive_l2.trainer``       ``SimpleTrainer.run_step`` (``TrainStep``: torch.amp on any device,
+                              no per-step host sync), DDP arguments on CPUs, AMP on CPUs
+``adaptive_l2.distributed``   ``launch``: asserts CUDA/NCCL and has no torchrun path; gloo spawn
+                              and env:// join instead (uses ``comm._LOCAL_PROCESS_GROUP``)
+``adaptive_l2.checkpoint``    ``Checkpointer``: torn files on a kill, best model lost on resume;
+                              subclass with atomic writes
+``adaptive_l2.data.build``    ``build_reid_train_loader`` / test loader: global batches split by
+                              process, per-sample augmentation seeds, the config's device
+``adaptive_l2.hooks``         ``LayerFreeze``: its switch does not survive a resume; subclass
+============================  ===================================================================
 """
 from __future__ import annotations
 

@@ -14,12 +14,10 @@ from fastreid.utils import comm
 from fastreid.evaluation.testing import flatten_results_dict
 
 from adaptive_l2.regularizers.l2 import THETA_DEAD, AdaptiveL2Penalty, L2PenaltyBase
+from adaptive_l2.run_files import EVAL_HISTORY_FILE, FACTORS_FILE, METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
-FACTORS_FILE = "l2_factors.jsonl"
-EVAL_HISTORY_FILE = "eval_history.jsonl"
-METRICS_FILE = "metrics.json"  # fast-reid's JSONWriter: one JSON record per line
 
 
 def read_json_lines(path: str, drop_torn_tail: bool = False) -> List[Dict]:

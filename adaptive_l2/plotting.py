@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-from adaptive_l2.hooks import FACTORS_FILE, read_json_lines
+from adaptive_l2.hooks import read_json_lines
+from adaptive_l2.run_files import FACTOR_HISTOGRAM, FACTOR_TRAJECTORIES, FACTORS_FILE
 
 KIND_COLOURS = {"kernel": "tab:blue", "bias": "tab:orange", "norm_weight": "tab:green",
                 "norm_bias": "tab:red"}
@@ -48,7 +49,7 @@ def plot_factors(run_dir: str, out_dir: str = "") -> List[str]:
             label=[f"{k} ({int((kinds == k).sum())})" for k in present])
     histogram = _finish(fig, ax, "factor lambda_n = A * hard_sigmoid(theta_n)", "tensors",
                         f"{title}, epoch {last['epoch'] + 1}",
-                        os.path.join(out_dir, "factor_histogram.png"))
+                        os.path.join(out_dir, FACTOR_HISTOGRAM))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     epochs = np.array([r["epoch"] + 1 for r in records])
@@ -59,7 +60,7 @@ def plot_factors(run_dir: str, out_dir: str = "") -> List[str]:
     for kind in present:
         ax.plot([], [], color=KIND_COLOURS[kind], label=kind)
     trajectories = _finish(fig, ax, "epoch", "factor", f"{title}: every tensor's factor",
-                           os.path.join(out_dir, "factor_trajectories.png"))
+                           os.path.join(out_dir, FACTOR_TRAJECTORIES))
     return [histogram, trajectories]
 
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from adaptive_l2.config import l2_term, load_config, shipped_configs_dir
-from adaptive_l2.hooks import EVAL_HISTORY_FILE, METRICS_FILE
-from adaptive_l2.run_lock import RESULTS_FILE
+from adaptive_l2.run_files import (CONSOLE_FILE, EVAL_HISTORY_FILE, FACTORS_FILE, FINAL_MODEL,
+                                   LAST_CHECKPOINT, METRICS_FILE, RESULTS_FILE, TABLE_CSV,
+                                   TABLE_MARKDOWN)
 
 # A row's training process: the package's own train tool, so an installed package needs no clone.
 TRAIN_MODULE = "adaptive_l2.cli.train"
@@ -55,7 +56,6 @@ PAPER_ROWS = ("conventional_l2_R50", "adaptive_l2_R50", "adaptive_l2_R101", "ada
 RERANK_SUFFIX = "_rerank"
 SYNTHETIC_ROWS = ("baseline", "conventional_l2", "adaptive_l2")
 SYNTHETIC_SGP_ROWS = ("sgp", "adaptive_l2_sgp", "at")
-CONSOLE_FILE = "console.txt"  # a row's command, stdout and stderr (the console shows one line)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def output_dir(row: Row, output_root: str) -> str:
 def row_status(directory: str) -> str:
     if os.path.isfile(os.path.join(directory, RESULTS_FILE)):
         return "done"
-    if os.path.isfile(os.path.join(directory, "last_checkpoint")):
+    if os.path.isfile(os.path.join(directory, LAST_CHECKPOINT)):
         return "interrupted"
     return "todo"
 
@@ -122,7 +122,7 @@ def _short(path: str) -> str:
 
 def evaluated_checkpoint(row: Row, output_root: str) -> str:
     base = Row(row.dataset, row.evaluates, row.config)
-    return os.path.join(output_dir(base, output_root), "model_final.pth")
+    return os.path.join(output_dir(base, output_root), FINAL_MODEL)
 
 
 def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int,
@@ -545,8 +545,8 @@ def format_csv(results: Sequence[dict]) -> str:
 
 def write_table(results: Sequence[dict], output_root: str) -> List[str]:
     os.makedirs(output_root, exist_ok=True)
-    markdown = os.path.join(output_root, "results.md")
-    table = os.path.join(output_root, "results.csv")
+    markdown = os.path.join(output_root, TABLE_MARKDOWN)
+    table = os.path.join(output_root, TABLE_CSV)
     with open(markdown, "w") as handle:
         handle.write(format_table(results) + "\n")
     with open(table, "w") as handle:
@@ -562,7 +562,6 @@ def collect_and_write(rows: Sequence[Row], output_root: str, opts: Sequence[str]
     paths = write_table(results, output_root)
     if draw_factors:
         from adaptive_l2.plotting import plot_factors
-        from adaptive_l2.hooks import FACTORS_FILE
 
         for row in rows:
             directory = output_dir(row, output_root)

@@ -19,10 +19,9 @@ import time
 import uuid
 from typing import Dict, List, Optional
 
-logger = logging.getLogger(__name__)
+from adaptive_l2.run_files import RESULTS_FILE, RUN_LOCK_FILE
 
-RUN_LOCK_FILE = "run.lock"
-RESULTS_FILE = "final_results.json"
+logger = logging.getLogger(__name__)
 
 
 class FolderBusyError(RuntimeError):

@@ -39,7 +39,7 @@ from adaptive_l2.hooks import (DivergenceGuard, EvalHistory, L2FactorLogger, Res
 from adaptive_l2.modeling.backbone_options import apply_backbone_options
 from adaptive_l2.modeling.pretrained import check_pretrain_config
 from adaptive_l2.optim import build_optimizer
-from adaptive_l2.run_lock import RESULTS_FILE
+from adaptive_l2.run_files import CONFIG_FILE, RANK_FINGERPRINTS, RESULTS_FILE
 from adaptive_l2.regularizers.l2 import attach_l2_penalty, find_l2_penalty
 from adaptive_l2.sgp import (AdversarialTraining, FeatureGradientPerturbation,
                              ParameterGradientPerturbation, model_device)
@@ -258,9 +258,6 @@ def check_ranks_agree(model, output_dir: str) -> None:
     logger.info("all %d ranks hold identical parameters", len(prints))
 
 
-RANK_FINGERPRINTS = "rank_fingerprints.json"
-
-
 def prepare_run(cfg) -> None:
     """What a run needs before anything is built, however it is started (tools/train_net.py or
     `Trainer(cfg)` from Python): its OUTPUT_DIR with config.yaml, the console and OUTPUT_DIR/log.txt
@@ -272,7 +269,7 @@ def prepare_run(cfg) -> None:
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
         # fast-reid's auto_scale_hyperparams rewrites this file; its tools expect it
-        with open(os.path.join(output_dir, "config.yaml"), "w") as handle:
+        with open(os.path.join(output_dir, CONFIG_FILE), "w") as handle:
             handle.write(cfg.dump())
     # the same arguments as fast-reid's default_setup, so its cached logger is reused, not doubled
     setup_logger(output_dir, distributed_rank=rank)

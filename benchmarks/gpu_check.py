@@ -162,7 +162,7 @@ def _read_jsonl(path: str) -> List[dict]:
 def check_training(args, variant: str, record: dict) -> None:
     from fastreid.utils.env import seed_all_rng
 
-    from adaptive_l2.hooks import FACTORS_FILE
+    from adaptive_l2.run_files import FACTORS_FILE
     from adaptive_l2.trainer import Trainer
 
     cfg = _training_config(args, variant)

@@ -185,7 +185,8 @@ def test_a_binary_config_and_a_missing_config_are_refused(tmp_path):
 def test_a_cut_factor_log_names_the_file(tmp_path, caplog):
     import logging
 
-    from adaptive_l2.hooks import FACTORS_FILE, keep_records_until
+    from adaptive_l2.hooks import keep_records_until
+    from adaptive_l2.run_files import FACTORS_FILE
     from adaptive_l2.plotting import read_factor_log
 
     log = tmp_path / FACTORS_FILE

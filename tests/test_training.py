@@ -8,7 +8,8 @@ from conftest import (SYNTHETIC_BASE, read_losses, read_results, run_train_net, 
                       tiny_opts)
 from fastreid.utils.events import EventStorage
 
-from adaptive_l2.trainer import RANK_FINGERPRINTS, Trainer
+from adaptive_l2.run_files import RANK_FINGERPRINTS
+from adaptive_l2.trainer import Trainer
 
 
 def _batch(n=16, classes=4, size=(64, 32)):
