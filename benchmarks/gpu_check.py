@@ -119,7 +119,7 @@ def paper_config(args, variant: str, extra: List[str] = ()):
     return load_config(os.path.join(PAPER, VARIANTS[variant]), [
         "MODEL.DEVICE", args.device, "MODEL.BACKBONE.PRETRAIN", "False",
         "MODEL.BACKBONE.DEPTH", s["depth"], "MODEL.BACKBONE.FEAT_DIM", str(s["feat_dim"]),
-        # the paper's ResNet v1 strides need bottleneck blocks; the tiny ResNet18 has none
+        # ResNet v1 strides (the paper rows) need bottlenecks: R18 (tiny) has none
         "MODEL.BACKBONE.STRIDE_IN_1X1", str(s["depth"] not in ("18x", "34x")),
         "DATASETS.NAMES", '("SyntheticReID",)', "DATASETS.TESTS", '("SyntheticReID",)',
         "DATASETS.ROOT", os.path.join(args.work_dir, "datasets"), *syn,

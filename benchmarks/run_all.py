@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The short setting of each benchmark (minutes on 2 CPU cores, not the full-size run).
 SHORT_ARGS: Dict[str, List[str]] = {
+    "bench_keras_adam.py": ["--rounds", "3"],  # KerasAdam vs torch's Adam over R50's tensors
     "bench_penalty.py": ["--rounds", "5"],  # R50 batch 16, 5 interleaved on/off step pairs
     "bench_rerank.py": ["--quick"],  # 200 query x 1000 gallery, dim 256
     "bench_sgp.py": ["--part", "cost", "--rounds", "3"],  # the step costs, not the 25-min training

@@ -61,3 +61,30 @@ def test_one_named_gpu_for_several_processes_is_refused(dataset_root, tmp_path, 
         check_device_for_processes(cfg)
     cfg.MODEL.DEVICE = "cuda"
     check_device_for_processes(cfg)
+
+
+@pytest.mark.parametrize("meta_architecture, term", [("Baseline", "ADAPTIVE"),
+                                                     ("TwoBranchReID", "CONVENTIONAL.ENABLED")])
+def test_everything_the_project_adds_lives_on_the_models_device(dataset_root, tmp_path,
+                                                                monkeypatch, meta_architecture,
+                                                                term):
+    """The `meta` device stands in for CUDA: a tensor the project creates on the CPU after
+    fast-reid moved the model (the L2 signature did, and NCCL's broadcast refuses it) shows."""
+    import adaptive_l2.trainer as trainer_module
+    from fastreid.utils import comm
+
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.META_ARCHITECTURE", meta_architecture,
+                   f"MODEL.REG.{term}", "True", "MODEL.HEADS.NUM_CLASSES", "4",
+                   "MODEL.TWO_BRANCH.REGIONAL_DIM", "32")
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "meta"
+    monkeypatch.setattr(trainer_module, "check_config", lambda cfg: None)  # refuses non-CUDA/CPU
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)  # the global-batch conversion too
+    model = trainer_module.Trainer.build_model(cfg)
+    elsewhere = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+                 if tensor.device.type != "meta"]
+    assert elsewhere == []
+    assert any(name.startswith("l2_penalty.") for name, _ in model.named_buffers())
+    from adaptive_l2.global_batch import GlobalBatchNorm
+
+    assert any(isinstance(module, GlobalBatchNorm) for module in model.modules())

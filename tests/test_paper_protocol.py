@@ -44,7 +44,7 @@ def test_learning_rate_equals_the_reference_at_every_epoch_of_both_phases():
 
 def test_phase_a_freezes_backbone_bn_and_thetas_then_phase_b_trains_all(tmp_path):
     cfg = load_config(PAPER_R50, [
-        "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.BACKBONE.DEPTH", "18x",
+        "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.STRIDE_IN_1X1", "False",
         "MODEL.HEADS.NUM_CLASSES", "4", "SOLVER.AMP.ENABLED", "False", "SOLVER.FREEZE_ITERS", "2"])
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
@@ -169,7 +169,7 @@ def test_paper_model_trains_then_evaluates_with_reranking(dataset_root, tmp_path
     evaluation (--eval-only, k-reciprocal re-ranking) of its checkpoint."""
     from conftest import read_results, run_train_net, tiny_opts
 
-    toy = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512",
+    toy = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.STRIDE_IN_1X1", "False", "MODEL.BACKBONE.FEAT_DIM", "512",
            "MODEL.BACKBONE.PRETRAIN", "False", "SOLVER.AMP.ENABLED", "False",
            "DATASETS.NAMES", '("SyntheticReID",)', "DATASETS.TESTS", '("SyntheticReID",)',
            "SOLVER.SCHED", "EpochTableLR",
