@@ -7,6 +7,7 @@ spawn for CPUs, and joins a torchrun job (env:// rendezvous, several nodes) when
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Callable, Sequence
@@ -49,6 +50,22 @@ def join_torchrun(use_cuda: bool) -> None:
     comm.synchronize()
 
 
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    The run's DDP reducer is freed first (collected while its group lives: freeing it after the
+    group deadlocks gloo's destructor), then every process leaves together. Left to interpreter
+    exit, gloo's worker threads can still be joinable and abort the process ("terminate called
+    without an active exception") after a successful run."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, num_processes: int,
                 machine_rank: int, dist_url: str, args: Sequence) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes))
@@ -57,6 +74,7 @@ def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, num_proce
     create_local_group(world_size, num_processes, machine_rank)
     comm.synchronize()
     main_func(*args)
+    leave_process_group()  # after a success only: a failed process must not wait for the others
 
 
 def launch(main_func: Callable, num_processes: int, num_machines: int = 1, machine_rank: int = 0,
@@ -65,6 +83,7 @@ def launch(main_func: Callable, num_processes: int, num_machines: int = 1, machi
     if started_by_torchrun():
         join_torchrun(use_cuda)
         main_func(*args)
+        leave_process_group()
         return
     world_size = num_machines * num_processes
     if world_size == 1:
