@@ -12,9 +12,10 @@ from conftest import REPO, SYNTHETIC_BASE, TRAIN_NET, run_train_net, tiny_opts
 
 from adaptive_l2.sgp.perturbation import iteration_seed
 
-# adaptive L2 + SGP-F (its own random stream) + augmentation (flip, pad + crop, erasing) on;
-# 4 epochs x 3 iterations, a checkpoint every epoch
-RUN = ["MODEL.REG.ADAPTIVE", "True", "MODEL.REG.SGP.ENABLED", "True",
+# adaptive L2 + SGP-F and AT (their own random streams) + augmentation (flip, pad + crop,
+# erasing) on; 4 epochs x 3 iterations, a checkpoint every epoch
+RUN = ["MODEL.REG.NAME", "adaptive", "MODEL.REG.SGP.ENABLED", "True",
+       "MODEL.REG.AT.ENABLED", "True",
        "DATALOADER.SAMPLER_TRAIN", "StrictIdentitySampler", "INPUT.REA.ENABLED", "True",
        "SOLVER.ITERS_PER_EPOCH", "3", "SOLVER.MAX_EPOCH", "4", "TEST.EVAL_PERIOD", "2"]
 KILL_POINTS = 2
