@@ -153,7 +153,8 @@ def test_conversion_keeps_parameters_buffers_and_names():
     weight, running = model.bn.weight, model.bn.running_mean
     names = [n for n, _ in model.state_dict().items()]
     converted = convert_to_global_batch_norm(model)
-    assert isinstance(converted.bn, GlobalBatchNorm) and isinstance(converted.head_bn, GlobalBatchNorm)
+    assert isinstance(converted.bn, GlobalBatchNorm)
+    assert isinstance(converted.head_bn, GlobalBatchNorm)
     assert converted.bn.weight is weight and converted.bn.running_mean is running
     assert list(converted.state_dict()) == names
     x = torch.randn(4, 3, 6, 6)

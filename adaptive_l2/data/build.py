@@ -137,7 +137,7 @@ def _folder_of(data, split: str) -> str:
 
 
 def check_batches_possible(cfg, items: Sequence) -> None:
-    """Refuse, before training, a batch the configured sampler could never form (for any sampler)."""
+    """Refuse, before training, a batch the configured sampler could never form (any sampler)."""
     sampler = cfg.DATALOADER.SAMPLER_TRAIN
     total, k = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE
     world = comm.get_world_size()

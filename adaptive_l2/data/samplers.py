@@ -166,7 +166,7 @@ class ChunkedIdentitySampler(GlobalBatchSampler):
         super().__init__(global_batch_size, num_instances, seed, rank, world_size)
 
     def _round_chunks(self, rng: np.random.Generator) -> List[List[np.ndarray]]:
-        """Every eligible identity's images shuffled and cut into chunks of K (remainder dropped)."""
+        """Every eligible identity's images shuffled, cut into chunks of K (remainder dropped)."""
         chunks = []
         for pool in self.pools:
             shuffled = rng.permutation(pool)
