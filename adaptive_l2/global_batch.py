@@ -121,8 +121,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         dims = [d for d in range(input.dim()) if d != 1]
         shape = [1, -1] + [1] * (input.dim() - 2)
-        local_count = torch.tensor([input.numel() / input.shape[1]], device=input.device,
-                                   dtype=torch.float32)
+        # a fill on the device, not a copy from the host (which would wait for the GPU)
+        local_count = input.new_full((1,), input.numel() // input.shape[1], dtype=torch.float32)
         count = all_reduce_sum(local_count)
         mean = all_reduce_sum(input.float().sum(dim=dims)) / count
         centred = input.float() - mean.view(shape)

@@ -124,7 +124,8 @@ def build_train_sampler(cfg, train_set: CommDataset):
             "share, so the run is not the same experiment as one process with the same global "
             "batch. Use StrictIdentitySampler for that.", name, comm.get_world_size())
     per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-    host_sampler = _train_loader_from_config(cfg, train_set=train_set)["sampler"]
+    host_sampler = _train_loader_from_config(cfg, train_set=train_set,
+                                             transforms=train_set.transform)["sampler"]
     return PositionSeededSampler(host_sampler, per_process, seed, comm.get_rank())
 # fast-reid's samplers that build every batch from P identities x K (DATALOADER.NUM_INSTANCE)
 # images: they loop for ever, at 100 % CPU and without a word, when a batch cannot be formed.
