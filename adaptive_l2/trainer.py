@@ -347,9 +347,11 @@ class Trainer(DefaultTrainer):
         reg = cfg.MODEL.REG
         device = torch.device(cfg.MODEL.DEVICE)
         adversarial = generator = feature_noise = parameter_noise = None
+        # every process seeds SGP-F and AT alike and draws for the global batch (global_rows)
+        share = (comm.get_rank(), comm.get_world_size())
         if reg.AT.ENABLED:
             adversarial = AdversarialTraining(eps=reg.AT.EPS, steps=reg.AT.STEPS,
-                                              adv_weight=reg.AT.WEIGHT)
+                                              adv_weight=reg.AT.WEIGHT, process_share=share)
             generator = torch.Generator(device=device)  # keyed by the iteration in the step
         if reg.SGP.ENABLED:
             logger.info("SGP (reconstructed from the abstract): mode %s, alpha %g, noise %s",
@@ -357,7 +359,8 @@ class Trainer(DefaultTrainer):
             if reg.SGP.MODE == "feature":
                 feature_noise = FeatureGradientPerturbation(
                     model, sites=tuple(reg.SGP.SITES), alpha=reg.SGP.ALPHA, prob=reg.SGP.PROB,
-                    noise=reg.SGP.NOISE, seed=reg.SGP.SEED, rank=comm.get_rank())
+                    noise=reg.SGP.NOISE, seed=reg.SGP.SEED, rank=share[0], world_size=share[1],
+                    samples_per_process=cfg.SOLVER.IMS_PER_BATCH // share[1])
             else:
                 parameter_noise = ParameterGradientPerturbation(
                     alpha=reg.SGP.ALPHA, prob=reg.SGP.PROB, noise=reg.SGP.NOISE, seed=reg.SGP.SEED)
@@ -365,7 +368,7 @@ class Trainer(DefaultTrainer):
             model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED, adversarial=adversarial,
             adversarial_generator=generator, feature_noise=feature_noise,
             parameter_noise=parameter_noise, sgp_start_iter=reg.SGP.START_ITER,
-            adversarial_seed=reg.AT.SEED + comm.get_rank())
+            adversarial_seed=reg.AT.SEED)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer, iters_per_epoch):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adaptive_l2.global_batch import check_process_share, draw_for_share
 from adaptive_l2.sgp.perturbation import _unwrap
 
 __all__ = ["AdversarialTraining", "embed", "metric_attack", "model_device"]
@@ -85,6 +86,7 @@ def metric_attack(
     pixel_min: float = 0.0,
     pixel_max: float = 255.0,
     start_radius: Optional[float] = None,
+    process_share: Tuple[int, int] = (0, 1),
 ) -> Tensor:
     """Untargeted metric attack: push each image's embedding away from its clean embedding.
 
@@ -92,7 +94,9 @@ def metric_attack(
     L-infinity ball of radius ``eps`` around ``images`` (0-255 scale), clipped to
     ``[pixel_min, pixel_max]``. FGSM: ``steps=1`` (step ``eps``, start radius ``eps/4``); PGD-k:
     ``steps=k`` (step ``eps/4``, start radius ``eps``); ``step_size`` / ``start_radius`` override.
-    The random start draws from ``generator`` (on the model's device; None: the global RNG).
+    The random start draws from ``generator`` (on the model's device; None: the global RNG), for
+    the global batch of which ``images`` are share ``process_share`` = (rank, world size): each
+    sample starts where it would in a one-process run.
 
     The model (a DDP wrapper is looked through: the attack is per sample and needs no gradient
     sync) runs in eval mode -- BN running statistics, no dropout, SGP hooks inactive -- and every
@@ -140,7 +144,10 @@ def metric_attack(
         with torch.autocast(device.type, enabled=False):
             with torch.no_grad():
                 reference = F.normalize(embed(module, clean).float(), dim=1)
-            start = torch.rand(clean.shape, generator=generator, device=device).mul_(2.0).sub_(1.0)
+            start = draw_for_share(
+                lambda lead: torch.rand((*lead, *clean.shape[1:]), generator=generator,
+                                        device=device),
+                clean.shape[0], process_share).mul_(2.0).sub_(1.0)
             adversarial = torch.max(torch.min(clean + start_radius * start, upper), lower)
             for _ in range(steps):
                 adversarial.requires_grad_(True)
@@ -206,8 +213,10 @@ class AdversarialTraining:
     random_start: bool = True
     start_radius: Optional[float] = None
     adv_weight: float = 1.0
+    process_share: Tuple[int, int] = (0, 1)
 
     def __post_init__(self) -> None:
+        check_process_share(self.process_share)  # refused here, not mid-training
         if not math.isfinite(self.eps) or self.eps <= 0:
             raise ValueError(f"AdversarialTraining eps must be > 0 (0-255 scale), got {self.eps!r}")
         if self.steps < 1:
@@ -233,6 +242,7 @@ class AdversarialTraining:
             random_start=self.random_start,
             generator=generator,
             start_radius=self.start_radius,
+            process_share=self.process_share,
         )
 
     def losses(
