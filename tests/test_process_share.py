@@ -77,3 +77,22 @@ def test_a_batch_of_blocks_keeps_each_blocks_share():
     assert shares[0].tolist() == [0.0, 1.0, 4.0, 5.0] and shares[1].tolist() == [2.0, 3.0, 6.0, 7.0]
     with pytest.raises(ValueError, match="blocks"):
         draw_for_share(draw, 5, (0, 2), blocks=2)
+
+
+def test_derived_seeds_keep_the_streams_of_their_callers():
+    """One helper for the sample and iteration seeds; the values are those the two former
+    helpers gave (numpy SeedSequence, first word), so existing runs resume on the same streams."""
+    import numpy as np
+
+    from adaptive_l2.data.samplers import sample_seed
+    from adaptive_l2.seeds import derived_seed
+    from adaptive_l2.sgp.perturbation import iteration_seed
+
+    expected_sample = int(np.random.SeedSequence([7, 3, 2]).generate_state(1, np.uint32)[0])
+    expected_iteration = int(np.random.SeedSequence([7, 9]).generate_state(2, np.uint64)[0] >> 1)
+    assert sample_seed(7, 3, 2) == expected_sample
+    assert iteration_seed(7, 9) == expected_iteration
+    assert 0 <= derived_seed([2**40 + 7, 9], bits=63) < 2**63
+    assert derived_seed([2**32 + 7, 9], bits=63) == expected_iteration  # first key mod 2**32
+    with pytest.raises(ValueError, match="bits"):
+        derived_seed([1], bits=64)

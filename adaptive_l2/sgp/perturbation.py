@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from adaptive_l2.global_batch import check_process_share, draw_for_share
+from adaptive_l2.seeds import derived_seed
 
 __all__ = [
     "NOISE_KINDS",
@@ -143,8 +143,7 @@ def _flat_tensors(output: object) -> List[Tensor]:
 def iteration_seed(seed: int, iteration: int) -> int:
     """The seed of a random stream at one training iteration: a stream keyed by the iteration
     needs no saved state, so a resumed run draws what the uninterrupted one drew."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(iteration)])
-    return int(state.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+    return derived_seed([seed, iteration], bits=63)
 
 
 class _GeneratorPool:
