@@ -54,6 +54,23 @@ def run_train_net(args, timeout=300, check=True):
     return result
 
 
+def market_folder(root, identities, bad_name="", cameras=2, images_per_id=4):
+    """A Market-1501 folder whose train split has `identities` x `images_per_id` images (tiny
+    JPEGs, cameras in turn); returns the dataset root to give as DATASETS.ROOT."""
+    from PIL import Image
+
+    base = root / "Market-1501-v15.09.15"
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        (base / split).mkdir(parents=True, exist_ok=True)
+    for pid in range(1, identities + 1):
+        for shot in range(images_per_id):
+            Image.new("RGB", (16, 32), (pid * 40 % 256, 90, 30)).save(
+                base / "bounding_box_train" / f"{pid:04d}_c{shot % cameras + 1}s1_{shot:06d}_00.jpg")
+    if bad_name:
+        Image.new("RGB", (16, 32)).save(base / "bounding_box_train" / bad_name)
+    return str(root)
+
+
 def read_results(output_dir):
     with open(os.path.join(output_dir, "final_results.json")) as handle:
         return json.load(handle)
