@@ -19,6 +19,7 @@ setup(
             "adaptive-l2-table=adaptive_l2.cli.table:main",
             "adaptive-l2-attack=adaptive_l2.cli.attack:main",
             "adaptive-l2-plot=adaptive_l2.cli.plot:main",
+            "adaptive-l2-tune=adaptive_l2.cli.tune:main",
         ],
     },
     python_requires=">=3.10",

@@ -26,6 +26,9 @@ TINY_TRAINING = [
     "SOLVER.LOG_PERIOD", "1", "TEST.EVAL_PERIOD", "2", "TEST.IMS_PER_BATCH", "32",
     "DATALOADER.NUM_WORKERS", "0",
 ]
+# A validation split fast-reid's evaluator accepts (10+ gallery images): 4 of 10 identities held out.
+TINY_VALIDATION = ["DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "10", "DATASETS.SYNTHETIC.IMAGES_PER_ID", "6",
+                   "DATASETS.VALIDATION.IDENTITIES", "4"]
 
 
 @pytest.fixture(scope="session")

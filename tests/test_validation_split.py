@@ -3,7 +3,7 @@ import os
 from collections import defaultdict
 
 import pytest
-from conftest import market_folder, tiny_cfg
+from conftest import TINY_VALIDATION, market_folder, tiny_cfg
 
 from adaptive_l2.config import load_config
 from adaptive_l2.data.validation import VALIDATION_SET, split_validation
@@ -32,19 +32,18 @@ def _check_split(items, split, count):
 def test_synthetic_split_is_disjoint_deterministic_and_seeded(dataset_root, tmp_path):
     from adaptive_l2.data.build import training_items, validation_split
 
-    cfg = tiny_cfg(dataset_root, tmp_path, "DATASETS.VALIDATION.IDENTITIES", "3")
+    cfg = tiny_cfg(dataset_root, tmp_path, *TINY_VALIDATION)
     items = training_items(cfg, show=False)
     split = validation_split(cfg, items)
-    _check_split(items, split, 3)
-    # every held-out identity (4 images on up to 3 cameras, 2+ cameras each here) gives queries
-    assert not split.gallery_only and {pid for _, pid, _ in split.query} == {0, 1, 2}
+    _check_split(items, split, 4)
+    # every held-out identity (6 images on up to 3 cameras, 2+ cameras each here) gives queries
+    assert not split.gallery_only and {pid for _, pid, _ in split.query} == {0, 1, 2, 3}
     reordered = validation_split(cfg, list(reversed(items)))  # the draw ignores the items' order
     assert reordered._replace(train=split.train) == split
     assert reordered.train == list(reversed(split.train))  # the training order is kept
-    other = split_validation(items, identities=3, seed=1)
+    other = split_validation(items, identities=4, seed=1)
     assert other.held_out != split.held_out or other.query != split.query
-    by_fraction = split_validation(items, fraction=0.25, seed=0)
-    assert by_fraction.held_out == split_validation(items, identities=2, seed=0).held_out
+    assert split_validation(items, fraction=0.4, seed=0) == split  # 0.4 x 10 identities
 
 
 def test_a_one_camera_identity_is_gallery_only_and_all_of_them_is_refused():
@@ -57,22 +56,25 @@ def test_a_one_camera_identity_is_gallery_only_and_all_of_them_is_refused():
     with pytest.raises(ValueError, match="DATASETS.VALIDATION: none of the 2 held-out identities "
                                          "was seen by two cameras"):
         split_validation(items[:9], identities=2, seed=0)
+    with pytest.raises(ValueError, match="DATASETS.VALIDATION: the split's gallery holds 4 images "
+                                         r"\(2 held-out identities, 2 queries\).* Rank-10"):
+        split_validation(items[9:], identities=2, seed=0)
 
 
 def test_market_folder_trains_without_the_held_out_identities(tmp_path):
     from adaptive_l2.data.build import build_test_loader, build_train_loader
 
-    root = market_folder(tmp_path / "data", identities=8, cameras=3, images_per_id=6)
-    cfg = tiny_cfg(root, tmp_path / "out", *MARKET, "DATASETS.VALIDATION.IDENTITIES", "3",
+    root = market_folder(tmp_path / "data", identities=10, cameras=3, images_per_id=6)
+    cfg = tiny_cfg(root, tmp_path / "out", *MARKET, "DATASETS.VALIDATION.IDENTITIES", "4",
                    "DATASETS.VALIDATION.SEED", "5")
     train_set = build_train_loader(cfg).dataset
-    assert train_set.num_classes == 5
-    assert sorted(set(train_set.pid_dict.values())) == list(range(5))  # relabelled contiguously
-    held = {f"market1501_{pid}" for pid in range(1, 9)} - set(train_set.pid_dict)
-    assert len(held) == 3
+    assert train_set.num_classes == 6
+    assert sorted(set(train_set.pid_dict.values())) == list(range(6))  # relabelled contiguously
+    held = {f"market1501_{pid}" for pid in range(1, 11)} - set(train_set.pid_dict)
+    assert len(held) == 4
     loader, num_query = build_test_loader(cfg, VALIDATION_SET)
-    assert num_query == 3 * 3  # one query per camera, each camera keeps 1 gallery image
-    assert len(loader.dataset) == 3 * 6
+    assert num_query == 4 * 3  # one query per camera, each camera keeps 1 gallery image
+    assert len(loader.dataset) == 4 * 6
     held_prefixes = {f"{int(pid.split('_')[1]):04d}_" for pid in held}
     assert not any(os.path.basename(path)[:5] in held_prefixes
                    for path, _, _ in train_set.img_items)
@@ -97,6 +99,8 @@ def test_holding_out_every_identity_is_refused(dataset_root, tmp_path):
     with pytest.raises(ValueError, match="DATASETS.VALIDATION.IDENTITIES holds out 8 of the 8 "
                                          "training identities"):
         build_train_loader(tiny_cfg(dataset_root, tmp_path, "DATASETS.VALIDATION.IDENTITIES", "8"))
+    with pytest.raises(ValueError, match="DATASETS.VALIDATION: the split's gallery holds"):
+        build_train_loader(tiny_cfg(dataset_root, tmp_path, "DATASETS.VALIDATION.IDENTITIES", "1"))
     with pytest.raises(ValueError, match="DATASETS.VALIDATION.FRACTION 0.01 of 8 training "
                                          "identities rounds to 0"):
         build_train_loader(tiny_cfg(dataset_root, tmp_path, "DATASETS.VALIDATION.FRACTION", "0.01"))

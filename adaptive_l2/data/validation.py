@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 # The name evaluation results carry when they come from the validation split.
 VALIDATION_SET = "validation"
 
+# fast-reid's evaluator indexes Rank-10 of the CMC curve, whose length is the gallery's size
+MIN_GALLERY = 10
+
 Item = Tuple[str, Hashable, Hashable]
 
 
@@ -123,6 +126,11 @@ def split_validation(items: Sequence[Item], identities: int = 0, fraction: float
             f"DATASETS.VALIDATION: none of the {count} held-out identities was seen by two cameras, "
             "so none can be a query (fast-reid's evaluator ignores same-camera matches); hold out "
             "more identities or change DATASETS.VALIDATION.SEED")
+    if len(gallery) < MIN_GALLERY:
+        raise ValueError(
+            f"DATASETS.VALIDATION: the split's gallery holds {len(gallery)} images ({count} "
+            f"held-out identities, {len(query)} queries); fast-reid's evaluator reports Rank-10 "
+            f"and fails below {MIN_GALLERY} gallery images: hold out more identities")
     if gallery_only:
         logger.info("validation split: %d held-out identities seen by one camera only stay in the "
                     "gallery (they cannot be queried): %s", len(gallery_only), gallery_only)
