@@ -19,6 +19,8 @@ import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
+import submitit
+
 logger = logging.getLogger(__name__)
 
 EXECUTORS = ("slurm", "local")
@@ -56,12 +58,14 @@ def make_executor(kind: str, folder: str, *, job_name: str, partition: str = "",
                   gpus_per_job: int = 0, cpus_per_job: int = 1, time_minutes: int = 60,
                   mem_gb: int = 0, slurm_params: Optional[Dict[str, str]] = None):
     """submitit's Slurm executor or its local one, with the given resources per job."""
-    import submitit
-
     if kind == "slurm":
         if not partition:
             raise ValueError("--partition is required with --launcher slurm")
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        try:
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        except RuntimeError as error:  # submitit: 'Could not detect "srun"'
+            raise RuntimeError(f"--launcher slurm: no Slurm on this machine ({error}); run the "
+                               "command on the cluster's login node") from error
         params = dict(slurm_partition=partition, gpus_per_node=gpus_per_job, tasks_per_node=1,
                       nodes=1, cpus_per_task=cpus_per_job, timeout_min=time_minutes, name=job_name,
                       slurm_additional_parameters=dict(slurm_params or {}))
@@ -114,14 +118,18 @@ def table_job_groups(rows: Sequence) -> List[List]:
     return list(groups.values())
 
 
-def run_table_job(rows: Sequence, output_root: str, opts: Sequence[str], num_gpus: int,
-                  workdir: str) -> List[str]:
+class TableJob(submitit.helpers.Checkpointable):
     """The body of a table job: the rows in order with the local runner (resumes, keeps finished
-    rows, raises naming a failed row)."""
-    from adaptive_l2.reproduce import run_suite
+    rows, raises naming a failed row). Checkpointable: when Slurm preempts the job or its time
+    runs out, submitit requeues it with the same rows, and an interrupted row resumes from its
+    last checkpoint (the runner decides --resume when the job runs, not when it was submitted)."""
 
-    os.chdir(workdir)  # the rows' folders and commands are relative to where the tool ran
-    return run_suite(rows, output_root, opts, num_gpus, "launch", progress=lambda line: None)
+    def __call__(self, rows: Sequence, output_root: str, opts: Sequence[str], num_gpus: int,
+                 workdir: str) -> List[str]:
+        from adaptive_l2.reproduce import run_suite
+
+        os.chdir(workdir)  # the rows' folders and commands are relative to where the tool ran
+        return run_suite(rows, output_root, opts, num_gpus, "launch", progress=lambda line: None)
 
 
 def submit_table(rows: Sequence, output_root: str, opts: Sequence[str], num_gpus: int,
@@ -134,7 +142,7 @@ def submit_table(rows: Sequence, output_root: str, opts: Sequence[str], num_gpus
         if all(row_status(output_dir(row, output_root)) == "done" for row in group):
             log(f"[cluster] {', '.join(r.key for r in group)}: finished before, kept")
             continue
-        job = executor.submit(run_table_job, list(group), output_root, list(opts), num_gpus,
+        job = executor.submit(TableJob(), list(group), output_root, list(opts), num_gpus,
                               os.getcwd())
         job.rows = [row.key for row in group]
         log(f"[cluster] job {job.job_id}: {', '.join(job.rows)}")
