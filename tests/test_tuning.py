@@ -93,7 +93,7 @@ def test_a_failing_trial_is_marked_failed_with_its_error(dataset_root, tmp_path)
 ])
 def test_a_bad_search_space_is_refused_naming_the_key(tmp_path, space, message):
     from adaptive_l2.config import load_config
-    from adaptive_l2.tuning import parse_space
+    from adaptive_l2.tune.space import parse_space
     import yaml
 
     with pytest.raises((KeyError, ValueError), match=message):

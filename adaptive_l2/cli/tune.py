@@ -21,8 +21,9 @@ from typing import List, Optional
 
 from adaptive_l2.cluster import add_cluster_arguments, executor_from_args, wait_for
 from adaptive_l2.config import config_file_path
-from adaptive_l2.tuning import (PRESETS, StudySettings, build_pruner, default_storage, load_space,
-                                open_study, run_worker, split_trials, write_report)
+from adaptive_l2.tune.space import PRESETS, load_space
+from adaptive_l2.tune.study import (StudySettings, build_pruner, default_storage, open_study,
+                                   run_worker, split_trials, write_report)
 
 logger = logging.getLogger("adaptive_l2.tune")
 
