@@ -24,17 +24,27 @@ def _trials(out):
         return list(csv.DictReader(handle))
 
 
-def test_tiny_study_continues_and_tests_the_best_trial_once(dataset_root, tmp_path, capsys):
+def test_tiny_study_continues_prunes_and_tests_the_best_trial_once(dataset_root, tmp_path,
+                                                                    capsys):
     out = tmp_path / "study"
-    # no pruning here (the median pruner may stop trial 2, whose first evaluation is about the
-    # same as the others': tiny runs differ little)
+    # no pruning at first (the median pruner may stop trial 2, whose first evaluation is about
+    # the same as the others': tiny runs differ little)
     assert _tune(dataset_root, out, "--pruner", "none", trials=2, opts=ONE_EVAL_PER_EPOCH) == 0
     first = _trials(out)
     assert [row["state"] for row in first] == ["COMPLETE", "COMPLETE"]
-    assert _tune(dataset_root, out, "--pruner", "none", trials=1, opts=ONE_EVAL_PER_EPOCH) == 0
+    # continued (same storage + name) with a pruner that must prune: mAP is at most 100, so the
+    # new trial falls below the threshold at its first evaluation
+    assert _tune(dataset_root, out, "--pruner", "threshold:101", opts=ONE_EVAL_PER_EPOCH) == 0
     rows = _trials(out)
-    assert len(rows) == 3 and rows[:2] == first  # continued: earlier trials kept as they were
-    for row in rows:
+    assert len(rows) == 3 and rows[:2] == first  # earlier trials kept as they were
+    pruned = rows[2]
+    assert pruned["state"] == "PRUNED" and pruned["note"].startswith("pruned at epoch 1: mAP")
+    pruned_dir = out / "trial_0002"
+    assert (pruned_dir / "last_checkpoint").is_file()  # resumable as any interrupted run
+    assert not (pruned_dir / "final_results.json").exists()
+    with open(pruned_dir / "eval_history.jsonl") as handle:
+        assert [json.loads(line)["epoch"] for line in handle] == [1]
+    for row in rows[:2]:
         trial_dir = row["output_dir"]
         assert trial_dir == str(out / f"trial_{int(row['number']):04d}")
         # the objective is the final evaluation of the run, on the validation split
@@ -46,8 +56,8 @@ def test_tiny_study_continues_and_tests_the_best_trial_once(dataset_root, tmp_pa
         assert log.count("Starting training from epoch 0") == 1  # no other trial's messages
     with open(out / "best.json") as handle:
         best = json.load(handle)
-    assert best["trials"]["COMPLETE"] == 3
-    best_row = max(rows, key=lambda row: float(row["value"]))
+    assert best["trials"]["COMPLETE"] == 2 and best["trials"]["PRUNED"] == 1
+    best_row = max(rows[:2], key=lambda row: float(row["value"]))
     assert best["validation_mAP"] == pytest.approx(float(best_row["value"]))
     assert best["params"]["MODEL.REG.AMPLITUDE"] == pytest.approx(
         float(best_row["MODEL.REG.AMPLITUDE"]))
@@ -56,22 +66,10 @@ def test_tiny_study_continues_and_tests_the_best_trial_once(dataset_root, tmp_pa
     with open(test_dir / "log.txt") as handle:
         test_log = handle.read()
     assert "Evaluation results for SyntheticReID" in test_log and "held out" not in test_log
+    assert test_log.count("Start inference") == 1  # evaluated once, not again when continued
     for name in ("optimization_history.png", "param_importances.png"):
         assert (out / name).stat().st_size > 1000
     assert "best trial" in capsys.readouterr().out
-
-
-def test_a_pruner_that_must_prune_stops_the_trial_and_keeps_its_folder(dataset_root, tmp_path):
-    out = tmp_path / "pruned"
-    # mAP is at most 100: every trial falls below the threshold at its first evaluation
-    assert _tune(dataset_root, out, "--pruner", "threshold:101", opts=ONE_EVAL_PER_EPOCH) == 1
-    (row,) = _trials(out)
-    assert row["state"] == "PRUNED" and row["note"].startswith("pruned at epoch 1: mAP")
-    trial_dir = out / "trial_0000"
-    assert (trial_dir / "last_checkpoint").is_file()  # resumable as any interrupted run
-    assert not (trial_dir / "final_results.json").exists()
-    with open(trial_dir / "eval_history.jsonl") as handle:
-        assert [json.loads(line)["epoch"] for line in handle] == [1]
 
 
 def test_a_failing_trial_is_marked_failed_with_its_error(dataset_root, tmp_path):
