@@ -137,6 +137,19 @@ def test_slurm_jobs_get_the_requested_resources(tmp_path, monkeypatch):
         make_executor("slurm", str(tmp_path), job_name="t")
 
 
+def test_the_tools_refuse_slurm_without_a_partition_before_anything_starts(tmp_path, capsys):
+    from adaptive_l2.cli.table import main as table_main
+
+    assert table_main(["--suite", "paper", "--launcher", "slurm",
+                       "--output-root", str(tmp_path / "table")]) == 2
+    assert "--partition is required with --launcher slurm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune_main(["--config-file", ADAPTIVE, "--output-dir", str(tmp_path / "tune"),
+                   "--launcher", "slurm", "--workers", "2"])
+    assert "--partition is required with --launcher slurm" in capsys.readouterr().err
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "table").exists()
+
+
 def test_table_rows_as_local_submitit_jobs_dagger_row_in_its_rows_job(dataset_root, tmp_path,
                                                                       monkeypatch):
     from adaptive_l2.cluster import make_executor, submit_table, table_job_groups, wait_for

@@ -110,7 +110,11 @@ def submit_jobs(args: argparse.Namespace, rows, root: str) -> int:
     kind = "slurm" if args.launcher == "slurm" else "local"
     if kind == "local":
         args.gpus_per_job = 0  # this machine's processes: the rows' own MODEL.DEVICE decides
-    executor = executor_from_args(kind, args, os.path.join(root, "jobs"), "adaptive-l2-table")
+    try:
+        executor = executor_from_args(kind, args, os.path.join(root, "jobs"), "adaptive-l2-table")
+    except (ValueError, RuntimeError) as error:  # no --partition, or no Slurm here
+        print(f"[reproduce] {error}", file=sys.stderr)
+        return 2
     jobs = submit_table(rows, root, args.opts, max(1, args.gpus_per_job), executor)
     if kind == "slurm" and not args.wait:
         print(f"{len(jobs)} jobs submitted; when they have ended: adaptive-l2-table --suite "

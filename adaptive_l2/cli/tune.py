@@ -70,10 +70,21 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
     return settings
 
 
-def run_trials(args: argparse.Namespace, settings: StudySettings) -> List[str]:
+def make_worker_executor(args: argparse.Namespace, settings: StudySettings):
+    """submitit's executor for the workers (None: the trials run in this process)."""
+    if args.launcher == "local" and min(args.workers, args.trials) <= 1:
+        return None
+    if args.launcher == "local":
+        args.gpus_per_job = 0  # this machine's processes: the config's MODEL.DEVICE decides
+    kind = "slurm" if args.launcher == "slurm" else "local"
+    return executor_from_args(kind, args, os.path.join(settings.output_dir, "jobs"),
+                              "adaptive-l2-tune")
+
+
+def run_trials(args: argparse.Namespace, settings: StudySettings, executor) -> List[str]:
     """The trials of this call, here or as jobs; returns the failed jobs' messages."""
     shares = split_trials(args.trials, args.workers)
-    if args.launcher == "local" and len(shares) <= 1:
+    if executor is None:
         if shares:
             run_worker(settings, shares[0])
         return []
@@ -83,13 +94,8 @@ def run_trials(args: argparse.Namespace, settings: StudySettings) -> List[str]:
             "filesystem, and SQLite's locking copes with a few workers only. For many workers "
             "use a PostgreSQL server: --storage postgresql://USER@HOST/DB (pip install psycopg2).",
             len(shares), settings.storage)
-    kind = args.launcher if args.launcher == "slurm" else "local"
-    if kind == "local":
-        args.gpus_per_job = 0
-    executor = executor_from_args(kind, args, os.path.join(settings.output_dir, "jobs"),
-                                  "adaptive-l2-tune")
     jobs = [executor.submit(run_worker, settings, share) for share in shares]
-    print(f"[tune] {len(jobs)} workers submitted ({kind}): jobs "
+    print(f"[tune] {len(jobs)} workers submitted ({args.launcher}): jobs "
           f"{', '.join(str(job.job_id) for job in jobs)}; trials per worker {shares}")
     return wait_for(jobs, lambda job: "worker")
 
@@ -104,17 +110,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--trials must be >= 0 and --workers >= 1")
     try:
         settings = settings_from_args(args)
-    except (KeyError, ValueError, FileNotFoundError) as error:
+        executor = make_worker_executor(args, settings)  # no Slurm, no --partition: refused now
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as error:
         parser.error(str(error.args[0] if error.args else error))
     os.makedirs(settings.output_dir, exist_ok=True)
     study = open_study(settings, create=True)
     print(f"[tune] study '{settings.study_name}' in {settings.storage}: {len(study.trials)} "
           f"trials so far, {args.trials} to add; space {settings.space_source}")
-    failures = run_trials(args, settings)
+    failures = run_trials(args, settings, executor)
     if args.launcher == "slurm":
         # the test-set evaluation of the best trial needs the cluster's GPU as well
-        executor = executor_from_args("slurm", args, os.path.join(settings.output_dir, "jobs"),
-                                      "adaptive-l2-tune-report")
         job = executor.submit(write_report, settings)
         report_failed = wait_for([job], lambda job: "report")
         failures += report_failed
