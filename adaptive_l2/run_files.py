@@ -23,3 +23,5 @@ FACTOR_TRAJECTORIES = "factor_trajectories.png"  # adaptive-l2-plot: every facto
 # Written by the table tool in its output root.
 TABLE_MARKDOWN = "results.md"
 TABLE_CSV = "results.csv"
+TABLE_SEEDS_MARKDOWN = "results_seeds.md"  # --seeds: mean +/- CI per row, paired differences
+TABLE_SEEDS_CSV = "results_seeds.csv"

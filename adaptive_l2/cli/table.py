@@ -7,10 +7,14 @@ pipeline on the embedded synthetic dataset.
   adaptive-l2-table --suite paper --emit-commands jobs.txt   # one line per row, job arrays
   adaptive-l2-table --suite paper --collect          # the table from finished runs
   adaptive-l2-table --suite synthetic                # CPU, minutes: the demo
+  adaptive-l2-table --suite study --seeds 0,1,2,3,4  # each row once per seed: mean +/- 95 % CI
 Runs go under the current folder (logs/SUITE/DATASET/ROW); each row's output is in its folder
 (console.txt, log.txt), the console shows one line per row and the table. Rows already finished
 are kept; an interrupted row resumes from its last checkpoint; a failed row is reported and the
 others go on (exit status 1 at the end).
+With --seeds, each row runs once per seed (SEED S, folder DATASET/ROW/seedS; finished ones kept),
+and results_seeds.md / .csv give per row the mean +/- 95 % confidence interval (Student t) of each
+metric and its paired difference to the suite's reference row (paired t over the seeds).
 """
 from __future__ import annotations
 
@@ -20,18 +24,24 @@ import shlex
 import sys
 from typing import List, Optional
 
-from adaptive_l2.reproduce import (MEASURED_STEPS, WARMUP_STEPS, collect_and_write, dry_run,
-                                   gpu_slots, output_dir, row_status, run_suite, select_rows,
-                                   suite_rows, train_command)
+from adaptive_l2.reproduce import (MEASURED_STEPS, REFERENCE_ROWS, SUITES, WARMUP_STEPS,
+                                   collect_and_write, collect_seeds_and_write, dry_run, gpu_slots,
+                                   output_dir, parse_seeds, row_status, run_suite, seeded_rows,
+                                   select_rows, suite_rows, train_command)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Dry-run, emit, run or collect the suite; the exit status (1 when a row failed)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--suite", choices=["paper", "synthetic"], default="paper")
+    parser.add_argument("--suite", choices=list(SUITES), default="paper")
     parser.add_argument("--rows", type=lambda text: [r for r in text.split(",") if r], default=[],
                         help="comma-separated subset: DATASET, ROW or DATASET/ROW names "
                              "(default: all)")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated seeds, e.g. 0,1,2,3,4: every row once per seed, "
+                             "reported as mean +/- 95 %% CI and paired differences to the "
+                             "reference row (" + ", ".join(f"{k}: {v}" for k, v in
+                                                      REFERENCE_ROWS.items()) + ")")
     parser.add_argument("--with-sgp", action="store_true",
                         help="add the SGP (reconstructed from the abstract) and AT comparator rows")
     parser.add_argument("--output-root", default="",
@@ -57,32 +67,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     root = args.output_root or os.path.join("logs", args.suite)
     try:
         rows = select_rows(suite_rows(args.suite, args.with_sgp), args.rows)
+        seeds = parse_seeds(args.seeds) if args.seeds else []
         if args.gpus:
             gpu_slots(args.gpus, args.num_gpus)
     except ValueError as error:
         parser.error(str(error))
+    runs = seeded_rows(rows, seeds) if seeds else rows
     if args.dry_run:
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        print(dry_run(rows, root, args.opts, args.num_gpus, args.launcher, device,
+        print(dry_run(runs, root, args.opts, args.num_gpus, args.launcher, device,
                       measure=not args.no_measure, gpus=args.gpus, steps=args.measure_steps))
         return 0
     if args.emit_commands:
         with open(args.emit_commands, "w") as handle:
-            for row in rows:
+            for row in runs:
                 resume = row_status(output_dir(row, root)) == "interrupted"
                 handle.write(shlex.join(train_command(row, root, args.opts, args.num_gpus,
                                                       args.launcher, resume)) + "\n")
-        print(f"{len(rows)} commands written to {args.emit_commands}")
+        print(f"{len(runs)} commands written to {args.emit_commands}")
         return 0
     failure = None
     if not args.collect:
         try:
-            run_suite(rows, root, args.opts, args.num_gpus, args.launcher, gpus=args.gpus)
+            run_suite(runs, root, args.opts, args.num_gpus, args.launcher, gpus=args.gpus)
         except RuntimeError as error:  # the table of what finished is still written
             failure = error
-    table, paths = collect_and_write(rows, root, args.opts, draw_factors=args.suite == "synthetic")
+    draw = args.suite in ("synthetic", "study")
+    if seeds:
+        table, paths = collect_seeds_and_write(rows, seeds, root, REFERENCE_ROWS[args.suite],
+                                               args.opts, draw_factors=draw)
+    else:
+        table, paths = collect_and_write(rows, root, args.opts, draw_factors=draw)
     print(table)
     for path in paths:
         print(f"written: {path}")
