@@ -19,6 +19,7 @@ ROBUSTNESS_FILE = "robustness.json"  # adaptive-l2-attack: metrics clean and und
 CONSOLE_FILE = "console.txt"  # the table tool: a row's command, stdout and stderr
 FACTOR_HISTOGRAM = "factor_histogram.png"  # adaptive-l2-plot: final factors per kind
 FACTOR_TRAJECTORIES = "factor_trajectories.png"  # adaptive-l2-plot: every factor per epoch
+FACTOR_DYNAMICS = "factor_dynamics.png"  # adaptive-l2-plot: thetas against theta_0 - sum(lr)
 
 # Written by the table tool in its output root.
 TABLE_MARKDOWN = "results.md"
