@@ -78,3 +78,31 @@ def test_plot_draws_the_dynamics_figure(adaptive_run, tmp_path):
     assert [os.path.basename(p) for p in paths] == [
         "factor_histogram.png", "factor_trajectories.png", "factor_dynamics.png"]
     assert all(os.path.getsize(p) > 10_000 for p in paths)
+
+
+def test_resumed_run_continues_the_summed_learning_rates(dataset_root, tmp_path):
+    from conftest import tiny_cfg
+
+    from adaptive_l2.trainer import Trainer
+
+    def last_sums(out):
+        return read_factor_log(str(out))[-1]["theta_lr_sum"]
+
+    sums = {}
+    for name in ("whole", "resumed"):
+        out = tmp_path / name
+        cfg = tiny_cfg(dataset_root, out, "MODEL.REG.NAME", "adaptive", "SOLVER.MAX_EPOCH", "3",
+                       "TEST.EVAL_PERIOD", "3")
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        if name == "resumed":  # killed during the last epoch, resumed from the epoch-2 checkpoint
+            os.remove(out / "model_final.pth")
+            (out / "last_checkpoint").write_text("model_0001.pth")
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=True)
+            assert trainer.start_epoch == 2
+            trainer.train()
+        sums[name] = last_sums(out)
+        assert len(read_factor_log(str(out))) == 4  # epoch -1, 0, 1, 2: each once
+    assert max(sums["whole"]) > 0 and sums["resumed"] == pytest.approx(sums["whole"], rel=1e-12)
