@@ -106,3 +106,33 @@ def test_resumed_run_continues_the_summed_learning_rates(dataset_root, tmp_path)
         sums[name] = last_sums(out)
         assert len(read_factor_log(str(out))) == 4  # epoch -1, 0, 1, 2: each once
     assert max(sums["whole"]) > 0 and sums["resumed"] == pytest.approx(sums["whole"], rel=1e-12)
+
+
+def test_keras_step_ratio_is_what_keras_adam_does_after_a_frozen_phase():
+    """benchmarks/theta_fall.py's explanation of the study's backbone thetas falling faster than
+    sum(lr): KerasAdam's step on a steady gradient first seen at global step t0 + 1."""
+    import sys
+
+    import torch
+    from conftest import REPO
+
+    from adaptive_l2.keras_adam import KerasAdam
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from theta_fall import keras_step_ratio
+
+    lr, t0 = 1e-3, 64
+    late, early = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.zeros(()))
+    optimizer = KerasAdam([late, early], lr=lr, eps=0.0)
+    for t in range(1, t0 + 21):
+        before = late.item(), early.item()
+        early.grad = torch.tensor(0.5)
+        late.grad = torch.tensor(0.5) if t > t0 else None  # frozen: no gradient, no step
+        optimizer.step()
+        assert before[1] - early.item() == pytest.approx(lr, rel=1e-5)  # trained from step 1
+        if t > t0:
+            assert before[0] - late.item() == pytest.approx(lr * keras_step_ratio(t - t0, t),
+                                                            rel=1e-5)
+    assert keras_step_ratio(1, 65) == pytest.approx(0.794, abs=1e-3)
+    assert keras_step_ratio(10, 74) == pytest.approx(1.74, abs=1e-2)
+    assert keras_step_ratio(10, 4010) == pytest.approx(6.46, abs=1e-2)
