@@ -25,6 +25,15 @@ def read_factor_log(run_dir: str) -> List[Dict]:
     return records
 
 
+def run_name(run_dir: str) -> str:
+    """The run folder's name; ROW/seedS for one seed of the table tool's --seeds."""
+    path = os.path.normpath(os.path.abspath(run_dir))
+    name = os.path.basename(path)
+    if name.startswith("seed") and name[4:].isdigit():
+        return f"{os.path.basename(os.path.dirname(path))}/{name}"
+    return name
+
+
 def plot_factors(run_dir: str, out_dir: str = "") -> List[str]:
     """Write factor_histogram.png (final factors per kind) and factor_trajectories.png, and for
     an adaptive run that logged its thetas' learning rates, factor_dynamics.png."""
@@ -40,7 +49,7 @@ def plot_factors(run_dir: str, out_dir: str = "") -> List[str]:
     last = records[-1]
     kinds = np.array(last["kinds"])
     final = np.array(last["factors"])
-    title = f"{os.path.basename(os.path.normpath(run_dir))}: {last['penalty']}"
+    title = f"{run_name(run_dir)}: {last['penalty']}"
 
     fig, ax = plt.subplots(figsize=(7, 4))
     low, high = float(final.min()), float(final.max())
