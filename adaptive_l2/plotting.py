@@ -108,7 +108,8 @@ def freeze_iters(run_dir: str) -> int:
     return int(config.get("SOLVER", {}).get("FREEZE_ITERS", 0) or 0)
 
 
-def plot_theta_dynamics(records: Sequence[Dict], path: str, title: str, phase_a_iters: int = 0) -> str:
+def plot_theta_dynamics(records: Sequence[Dict], path: str, title: str,
+                        phase_a_iters: int = 0) -> str:
     """One panel per kind: every tensor's theta (thin lines) and its prediction theta_0 - sum(lr)
     (dashed); phase A (frozen tensors) shaded; theta = -2.5 (factor 0, gradient 0) marked."""
     import matplotlib

@@ -600,7 +600,8 @@ def parse_seeds(text: str) -> List[int]:
     """'0,1,2,3,4' -> [0, 1, 2, 3, 4]; distinct integers >= 0, or a ValueError naming --seeds."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or any(not p.isdigit() for p in parts) or len(set(map(int, parts))) != len(parts):
-        raise ValueError(f"--seeds must list distinct integers >= 0 such as 0,1,2,3,4, got '{text}'")
+        raise ValueError(
+            f"--seeds must list distinct integers >= 0 such as 0,1,2,3,4, got '{text}'")
     return [int(p) for p in parts]
 
 

@@ -9,7 +9,8 @@ is lr * (1 - b1^k) * sqrt(1 - b2^t) / ((1 - b1^t) * sqrt(1 - b2^k)) instead of l
 k = 1, 1.7 at k = 10 for t0 = 64 (the study), 3.1 and 6.5 for t0 = 4000 (the paper). A tensor
 trained from step 1 (k = t) moves by lr either way.
 
-  python benchmarks/theta_fall.py configs/Study/adaptive.yml configs/Paper/Market1501/adaptive_l2_R50.yml
+  python benchmarks/theta_fall.py configs/Study/adaptive.yml \
+      configs/Paper/Market1501/adaptive_l2_R50.yml
 
 Needs SOLVER.SCHED EpochTableLR (the learning rate is constant within an epoch).
 """
@@ -26,7 +27,8 @@ from adaptive_l2.solver import EPOCH_TABLE, epoch_table_lr
 
 def keras_step_ratio(k: int, t: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
     """Keras Adam's step / lr at global step t for a steady gradient first seen k steps ago."""
-    return (math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)) * (1 - beta1 ** k) / math.sqrt(1 - beta2 ** k)
+    keras_correction = math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+    return keras_correction * (1 - beta1 ** k) / math.sqrt(1 - beta2 ** k)
 
 
 def theta_falls(cfg) -> Dict[str, float]:

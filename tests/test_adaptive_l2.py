@@ -282,7 +282,8 @@ def _one_step_deltas(dataset_root, tmp_path, scale, *extra):
     thetas = model.l2_penalty.theta_vector().detach().clone()
     weights = [w.detach().clone() for w in model.l2_penalty._weights]
     gen = torch.Generator().manual_seed(1)
-    batch = {"images": torch.rand(8, 3, 64, 32, generator=gen) * 255, "targets": torch.arange(8) % 2}
+    batch = {"images": torch.rand(8, 3, 64, 32, generator=gen) * 255,
+             "targets": torch.arange(8) % 2}
     with EventStorage(0):
         loss = sum(model(batch).values())
     optimizer.zero_grad()

@@ -70,7 +70,8 @@ def test_prediction_is_theta_0_minus_the_cumulative_sum_of_logged_lrs(adaptive_r
     kernels = np.array(records[-1]["kinds"]) == "kernel"
     assert np.allclose(final_theta[kernels], final_prediction[kernels], atol=0.15 * lrs.sum())
     frozen_record = np.array(thetas[0])  # epoch -1: before any step
-    assert final_theta[kernels].max() < frozen_record[kernels].max() - 0.5 * lrs[FREEZE_ITERS:].sum()
+    assert (final_theta[kernels].max()
+            < frozen_record[kernels].max() - 0.5 * lrs[FREEZE_ITERS:].sum())
 
 
 def test_plot_draws_the_dynamics_figure(adaptive_run, tmp_path):
