@@ -8,6 +8,9 @@ torchrun). A failed row is reported and the others go on. `dry_run` prints each 
 its cost, timed with the trainer's own training step. `collect` reads every row's evaluation
 history and lays the results out beside the paper's numbers: the final model, and the best
 evaluation of the second phase, labelled "selected on test" as the original code selected it.
+With several seeds (`seeded_rows`, the last section), each row runs once per seed in its own
+folder, and `collect_seeds_and_write` reports mean +/- 95 % CI and paired differences to the
+suite's reference row (REFERENCE_ROWS; the statistics are in adaptive_l2.intervals).
 """
 from __future__ import annotations
 

@@ -305,7 +305,7 @@ def test_theta_lr_scale_scales_the_thetas_step_only(dataset_root, tmp_path, opti
         assert torch.equal(a, b)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_theta_lr_scale_survives_the_schedule_and_bad_values_are_refused(dataset_root, tmp_path):
     from adaptive_l2.solver import build_lr_scheduler
 
