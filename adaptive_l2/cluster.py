@@ -110,7 +110,7 @@ def table_job_groups(rows: Sequence) -> List[List]:
     row it evaluates when that row is submitted too (it runs after it there)."""
     groups: Dict[str, List] = {}
     for row in rows:
-        base = f"{row.dataset}/{row.evaluates}" if row.evaluates else None
+        base = row.evaluated_key
         if base in groups:
             groups[base].append(row)
         else:

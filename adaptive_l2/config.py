@@ -9,6 +9,7 @@ non-editable install finds them: `config_file_path("Synthetic/adaptive_l2.yml")`
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -132,6 +133,10 @@ def add_reg_config(cfg: CN) -> CN:
     # True: each step W_n *= 1 - lr * 2 * lambda_n (lr of W_n's group) outside the optimizer's
     # normalisation; the thetas still learn from the penalty's value. False: the paper's coupled term.
     cfg.MODEL.REG.DECOUPLED = False
+    # Learning rate of the adaptive thetas = this x the base learning rate (their own optimizer
+    # group; the weights keep theirs). 1 = the paper. Under Adam a theta falls by about its summed
+    # learning rate, so a short run with a scale of k travels as far as a k times longer one.
+    cfg.MODEL.REG.THETA_LR_SCALE = 1.0
     return cfg
 
 
@@ -195,6 +200,10 @@ def check_config(cfg: CN) -> None:
     if cfg.MODEL.REG.AT.ENABLED and cfg.MODEL.REG.AT.WEIGHT != 1.0 and regularizer_enabled(cfg):
         raise ValueError("MODEL.REG.AT.WEIGHT != 1 runs two forwards per step, each adding the L2 "
                          "penalty: use MODEL.REG.AT.WEIGHT 1.0 with MODEL.REG.NAME adaptive / conventional")
+    scale = cfg.MODEL.REG.THETA_LR_SCALE
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"MODEL.REG.THETA_LR_SCALE must be a finite number > 0 (1 = the paper), "
+                         f"got {scale!r}")
     divergence = cfg.SOLVER.DIVERGENCE
     if divergence.ENABLED and not (divergence.FACTOR > 1 and divergence.EARLY_ITERS >= 1):
         raise ValueError("SOLVER.DIVERGENCE.FACTOR must be > 1 and SOLVER.DIVERGENCE.EARLY_ITERS "

@@ -74,7 +74,9 @@ def _freeze_patterns(cfg) -> List[re.Pattern]:
 def build_param_groups(cfg, model: nn.Module) -> List[Dict]:
     """fast-reid's per-parameter groups plus the adaptive thetas, merged by hyper-parameters.
 
-    A theta gets the base learning rate, no weight decay, and the freeze status of its tensor.
+    A theta gets the base learning rate times MODEL.REG.THETA_LR_SCALE (1: the paper), no weight
+    decay, and the freeze status of its tensor. The scheduler scales each group's own learning
+    rate, so the thetas keep that ratio to the weights through warm-up and decay.
     """
     groups = get_default_optimizer_params(
         model,
@@ -103,7 +105,8 @@ def build_param_groups(cfg, model: nn.Module) -> List[Dict]:
         for entry, theta in zip(penalty.entries, penalty.thetas):
             frozen = any(p.match(entry.name) for p in patterns)
             groups.append({
-                "params": [theta], "lr": cfg.SOLVER.BASE_LR, "weight_decay": 0.0,
+                "params": [theta], "lr": cfg.SOLVER.BASE_LR * cfg.MODEL.REG.THETA_LR_SCALE,
+                "weight_decay": 0.0,
                 "freeze_status": FREEZE if frozen else "normal", "is_theta": True,
             })
     return merge_equal_groups(groups)

@@ -8,10 +8,14 @@ torchrun). A failed row is reported and the others go on. `dry_run` prints each 
 its cost, timed with the trainer's own training step. `collect` reads every row's evaluation
 history and lays the results out beside the paper's numbers: the final model, and the best
 evaluation of the second phase, labelled "selected on test" as the original code selected it.
+With several seeds (`seeded_rows`, the last section), each row runs once per seed in its own
+folder, and `collect_seeds_and_write` reports mean +/- 95 % CI and paired differences to the
+suite's reference row (REFERENCE_ROWS; the statistics are in adaptive_l2.intervals).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -28,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from adaptive_l2.config import l2_term, load_config, shipped_configs_dir
 from adaptive_l2.run_files import (CONSOLE_FILE, EVAL_HISTORY_FILE, FACTORS_FILE, FINAL_MODEL,
                                    LAST_CHECKPOINT, METRICS_FILE, RESULTS_FILE, TABLE_CSV,
-                                   TABLE_MARKDOWN)
+                                   TABLE_MARKDOWN, TABLE_SEEDS_CSV, TABLE_SEEDS_MARKDOWN)
 
 # A row's training process: the package's own train tool, so an installed package needs no clone.
 TRAIN_MODULE = "adaptive_l2.cli.train"
@@ -56,6 +60,12 @@ PAPER_ROWS = ("conventional_l2_R50", "adaptive_l2_R50", "adaptive_l2_R101", "ada
 RERANK_SUFFIX = "_rerank"
 SYNTHETIC_ROWS = ("baseline", "conventional_l2", "adaptive_l2")
 SYNTHETIC_SGP_ROWS = ("sgp", "adaptive_l2_sgp", "at")
+# The multi-seed study of the adaptive term's dynamics (configs/Study/, README "Multi-seed study")
+STUDY_ROWS = ("none", "conventional", "adaptive", "adaptive_decoupled")
+SUITES = ("paper", "synthetic", "study")
+# Each suite's reference row: every other row's paired difference over seeds is taken against it
+# (per dataset). The paper has no row without an L2 term: its reference is conventional L2.
+REFERENCE_ROWS = {"paper": "conventional_l2_R50", "synthetic": "baseline", "study": "none"}
 
 
 @dataclass(frozen=True)
@@ -66,10 +76,20 @@ class Row:
     # a row that trains nothing: it evaluates this row's final checkpoint with its own config
     # (the dagger row: k-reciprocal re-ranking of the R152 model, as in the paper)
     evaluates: Optional[str] = None
+    # --seeds: this run of the row uses SEED `seed` and its own folder (None: the config's SEED)
+    seed: Optional[int] = None
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}/{self.name}"
+        key = f"{self.dataset}/{self.name}"
+        return key if self.seed is None else f"{key}/{seed_folder(self.seed)}"
+
+    @property
+    def evaluated_key(self) -> Optional[str]:
+        """The key of the row this row evaluates, with the same seed; None for a training row."""
+        if self.evaluates is None:
+            return None
+        return dataclasses.replace(self, name=self.evaluates, evaluates=None).key
 
 
 def suite_rows(suite: str, with_sgp: bool = False) -> List[Row]:
@@ -82,7 +102,10 @@ def suite_rows(suite: str, with_sgp: bool = False) -> List[Row]:
         names = SYNTHETIC_ROWS + (SYNTHETIC_SGP_ROWS if with_sgp else ())
         return [Row("Synthetic", name, os.path.join(shipped_configs_dir(), "Synthetic", f"{name}.yml"))
                 for name in names]
-    raise ValueError(f"--suite must be 'paper' or 'synthetic', got '{suite}'")
+    if suite == "study":
+        return [Row("Study", name, os.path.join(shipped_configs_dir(), "Study", f"{name}.yml"))
+                for name in STUDY_ROWS]
+    raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got '{suite}'")
 
 
 def select_rows(rows: Sequence[Row], only: Sequence[str]) -> List[Row]:
@@ -102,8 +125,10 @@ def select_rows(rows: Sequence[Row], only: Sequence[str]) -> List[Row]:
 
 
 def output_dir(row: Row, output_root: str) -> str:
-    """A row's OUTPUT_DIR; a relative root is taken from the current folder, where runs execute."""
-    return os.path.join(output_root, row.dataset, row.name)
+    """A row's OUTPUT_DIR (ROOT/DATASET/ROW, or ROOT/DATASET/ROW/seedS for one seed of --seeds);
+    a relative root is taken from the current folder, where runs execute."""
+    directory = os.path.join(output_root, row.dataset, row.name)
+    return directory if row.seed is None else os.path.join(directory, seed_folder(row.seed))
 
 
 def row_status(directory: str) -> str:
@@ -121,7 +146,7 @@ def _short(path: str) -> str:
 
 
 def evaluated_checkpoint(row: Row, output_root: str) -> str:
-    base = Row(row.dataset, row.evaluates, row.config)
+    base = dataclasses.replace(row, name=row.evaluates, evaluates=None)  # same seed
     return os.path.join(output_dir(base, output_root), FINAL_MODEL)
 
 
@@ -129,6 +154,8 @@ def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int
                   launcher: str, resume: bool) -> List[str]:
     args = ["--config-file", _short(row.config)]
     tail = ["OUTPUT_DIR", _short(output_dir(row, output_root)), *opts]
+    if row.seed is not None:
+        tail += ["SEED", str(row.seed)]  # last: the seed of --seeds wins over any SEED in opts
     if row.evaluates:
         args.append("--eval-only")
         tail = ["MODEL.WEIGHTS", _short(evaluated_checkpoint(row, output_root)), *tail]
@@ -372,7 +399,7 @@ def _row_ready(row: Row, pending: Sequence[Row], running: Sequence[_Running]) ->
     """A dagger row waits until the row whose model it evaluates has finished."""
     if not row.evaluates:
         return True
-    base_key = f"{row.dataset}/{row.evaluates}"
+    base_key = dataclasses.replace(row, name=row.evaluates, evaluates=None).key
     waiting = [r.key for r in pending] + [r.row.key for r in running]
     return base_key not in waiting
 
@@ -568,3 +595,141 @@ def collect_and_write(rows: Sequence[Row], output_root: str, opts: Sequence[str]
             if os.path.isfile(os.path.join(directory, FACTORS_FILE)):
                 paths += plot_factors(directory)
     return format_table(results), paths
+
+
+# ---- Several seeds per row (--seeds): each row once per seed, mean +/- CI and paired differences
+
+SEED_METRICS = (("final_mAP", "mAP"), ("final_R1", "Rank-1"))  # (result key, column label)
+
+
+def seed_folder(seed: int) -> str:
+    return f"seed{seed}"
+
+
+def parse_seeds(text: str) -> List[int]:
+    """'0,1,2,3,4' -> [0, 1, 2, 3, 4]; distinct integers >= 0, or a ValueError naming --seeds."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or any(not p.isdigit() for p in parts) or len(set(map(int, parts))) != len(parts):
+        raise ValueError(
+            f"--seeds must list distinct integers >= 0 such as 0,1,2,3,4, got '{text}'")
+    return [int(p) for p in parts]
+
+
+def seeded_rows(rows: Sequence[Row], seeds: Sequence[int]) -> List[Row]:
+    """Every row once per seed, seed by seed (all rows of the first seed first), so a suite stopped
+    early still has complete seeds to compare rows on."""
+    return [dataclasses.replace(row, seed=seed) for seed in seeds for row in rows]
+
+
+def seed_summaries(rows: Sequence[Row], seeds: Sequence[int], output_root: str,
+                   reference: str, opts: Sequence[str] = ()) -> List[dict]:
+    """Per row: the finished seeds' values of each metric, their mean +/- 95 % CI, and the paired
+    difference to the row `reference` of the same dataset over the seeds both finished."""
+    from adaptive_l2.intervals import mean_interval, paired_difference
+
+    values: Dict[str, Dict[str, Dict[int, float]]] = {}
+    for row in rows:
+        per_metric: Dict[str, Dict[int, float]] = {key: {} for key, _ in SEED_METRICS}
+        for seed in seeds:
+            result = row_results(dataclasses.replace(row, seed=seed), output_root, opts)
+            if result["status"] != "done":
+                continue
+            for key, _ in SEED_METRICS:
+                if result[key] is not None:
+                    per_metric[key][seed] = result[key]
+        values[row.key] = per_metric
+    summaries = []
+    for row in rows:
+        reference_key = f"{row.dataset}/{reference}"
+        summary = {"dataset": row.dataset, "row": row.name, "reference": reference,
+                   "seeds_done": len(values[row.key][SEED_METRICS[0][0]]), "seeds": len(seeds)}
+        for key, _ in SEED_METRICS:
+            mine = values[row.key][key]
+            summary[key] = mean_interval(list(mine.values())) if mine else None
+            theirs = values.get(reference_key, {}).get(key, {})
+            common = [s for s in seeds if s in mine and s in theirs]
+            summary[f"{key}_values"] = [mine[s] for s in seeds if s in mine]
+            summary[f"{key}_vs_reference"] = (
+                None if row.name == reference or not common else
+                paired_difference([mine[s] for s in common], [theirs[s] for s in common]))
+        summaries.append(summary)
+    return summaries
+
+
+def _interval_cell(interval, signed: bool = False) -> str:
+    if interval is None:
+        return "-"
+    cell = interval.format(1, signed)
+    if interval.p_value is not None:
+        cell += f" (p {interval.p_value:.2g})"
+    return cell
+
+
+def format_seed_table(summaries: Sequence[dict]) -> str:
+    """Markdown: mean +/- 95 % CI (Student t, n - 1 dof) per metric, then each row's paired
+    difference to the reference row (paired t over the seeds both finished, two-sided p)."""
+    if not summaries:
+        return "(no rows)"
+    reference = summaries[0]["reference"]
+    labels = [label for _, label in SEED_METRICS]
+    header = (["dataset", "row", "seeds"] + [f"{label} (mean ± 95 % CI)" for label in labels]
+              + [f"Δ {label} vs {reference} (paired)" for label in labels])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        cells = [s["dataset"], s["row"], f"{s['seeds_done']}/{s['seeds']}"]
+        cells += [_interval_cell(s[key]) for key, _ in SEED_METRICS]
+        cells += ["reference" if s["row"] == reference else
+                  _interval_cell(s[f"{key}_vs_reference"], signed=True) for key, _ in SEED_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_seed_csv(summaries: Sequence[dict]) -> str:
+    """One line per row: per metric its seeds' values, mean, CI bounds, and the paired difference
+    to the reference row with its CI and p-value (empty where undefined)."""
+    def number(value):
+        return "" if value is None else f"{value:.6g}"
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    header = ["dataset", "row", "reference", "seeds_done", "seeds"]
+    for key, _ in SEED_METRICS:
+        header += [f"{key}_values", f"{key}_mean", f"{key}_ci_low", f"{key}_ci_high",
+                   f"{key}_diff_mean", f"{key}_diff_ci_low", f"{key}_diff_ci_high", f"{key}_diff_p"]
+    writer.writerow(header)
+    for s in summaries:
+        line = [s["dataset"], s["row"], s["reference"], s["seeds_done"], s["seeds"]]
+        for key, _ in SEED_METRICS:
+            own, diff = s[key], s[f"{key}_vs_reference"]
+            line += [";".join(f"{v:.6g}" for v in s[f"{key}_values"])]
+            line += [number(own.mean if own else None), number(own.low if own else None),
+                     number(own.high if own else None)]
+            line += [number(diff.mean if diff else None), number(diff.low if diff else None),
+                     number(diff.high if diff else None), number(diff.p_value if diff else None)]
+        writer.writerow(line)
+    return buffer.getvalue()
+
+
+def collect_seeds_and_write(rows: Sequence[Row], seeds: Sequence[int], output_root: str,
+                            reference: str, opts: Sequence[str] = (),
+                            draw_factors: bool = False) -> Tuple[str, List[str]]:
+    """The multi-seed table of `rows` (unseeded) written as results_seeds.md / .csv in the root;
+    with `draw_factors`, the factor pictures of every seed's run that logged factors."""
+    summaries = seed_summaries(rows, seeds, output_root, reference, opts)
+    os.makedirs(output_root, exist_ok=True)
+    table = format_seed_table(summaries)
+    markdown = os.path.join(output_root, TABLE_SEEDS_MARKDOWN)
+    comma = os.path.join(output_root, TABLE_SEEDS_CSV)
+    with open(markdown, "w") as handle:
+        handle.write(table + "\n")
+    with open(comma, "w") as handle:
+        handle.write(format_seed_csv(summaries))
+    paths = [markdown, comma]
+    if draw_factors:
+        from adaptive_l2.plotting import plot_factors
+
+        for row in seeded_rows(rows, seeds):
+            directory = output_dir(row, output_root)
+            if os.path.isfile(os.path.join(directory, FACTORS_FILE)):
+                paths += plot_factors(directory)
+    return table, paths

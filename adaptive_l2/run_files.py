@@ -19,10 +19,13 @@ ROBUSTNESS_FILE = "robustness.json"  # adaptive-l2-attack: metrics clean and und
 CONSOLE_FILE = "console.txt"  # the table tool: a row's command, stdout and stderr
 FACTOR_HISTOGRAM = "factor_histogram.png"  # adaptive-l2-plot: final factors per kind
 FACTOR_TRAJECTORIES = "factor_trajectories.png"  # adaptive-l2-plot: every factor per epoch
+FACTOR_DYNAMICS = "factor_dynamics.png"  # adaptive-l2-plot: thetas against theta_0 - sum(lr)
 
 # Written by the table tool in its output root.
 TABLE_MARKDOWN = "results.md"
 TABLE_CSV = "results.csv"
+TABLE_SEEDS_MARKDOWN = "results_seeds.md"  # --seeds: mean +/- CI per row, paired differences
+TABLE_SEEDS_CSV = "results_seeds.csv"
 
 # Written by the tuner (adaptive-l2-tune) in its output folder.
 TRIALS_TABLE = "trials.csv"  # one row per trial: state, value, parameters, folder, error

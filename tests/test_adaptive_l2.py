@@ -270,3 +270,55 @@ def test_amplitude_per_kind_overrides_the_default(dataset_root, tmp_path):
 
     assert amplitudes_from_config(cfg.MODEL.REG) == {
         "kernel": 0.005, "bias": 0.005, "norm_weight": 0.001, "norm_bias": 0.005}
+
+
+def _one_step_deltas(dataset_root, tmp_path, scale, *extra):
+    """(theta deltas, weight deltas) of one optimizer step on one real batch, seeded alike."""
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.NAME",
+                   "adaptive", "MODEL.REG.THETA_LR_SCALE", str(float(scale)), *extra)
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg)
+    optimizer, _ = build_optimizer(cfg, model)
+    thetas = model.l2_penalty.theta_vector().detach().clone()
+    weights = [w.detach().clone() for w in model.l2_penalty._weights]
+    gen = torch.Generator().manual_seed(1)
+    batch = {"images": torch.rand(8, 3, 64, 32, generator=gen) * 255,
+             "targets": torch.arange(8) % 2}
+    with EventStorage(0):
+        loss = sum(model(batch).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    theta_delta = model.l2_penalty.theta_vector().detach() - thetas
+    weight_delta = [w.detach() - old for w, old in zip(model.l2_penalty._weights, weights)]
+    return theta_delta, weight_delta
+
+
+@pytest.mark.parametrize("optimizer", [("SOLVER.OPT", "SGD", "SOLVER.MOMENTUM", "0.0"),
+                                       ("SOLVER.OPT", "Adam", "SOLVER.ADAM_GLOBAL_STEP", "True")])
+def test_theta_lr_scale_scales_the_thetas_step_only(dataset_root, tmp_path, optimizer):
+    base_thetas, base_weights = _one_step_deltas(dataset_root, tmp_path, 1, *optimizer)
+    thetas, weights = _one_step_deltas(dataset_root, tmp_path, 4, *optimizer)
+    assert (base_thetas < 0).sum() > 20  # the penalty's theta gradient is >= 0: thetas fall
+    assert torch.allclose(thetas, 4 * base_thetas, rtol=1e-4, atol=1e-9)
+    for a, b in zip(weights, base_weights):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+def test_theta_lr_scale_survives_the_schedule_and_bad_values_are_refused(dataset_root, tmp_path):
+    from adaptive_l2.solver import build_lr_scheduler
+
+    cfg = tiny_cfg(dataset_root, tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.REG.NAME",
+                   "adaptive", "MODEL.REG.THETA_LR_SCALE", "8.0", "SOLVER.WARMUP_ITERS", "3")
+    optimizer, _ = build_optimizer(cfg, Trainer.build_model(cfg))
+    scheduler = build_lr_scheduler(cfg, optimizer, 2)["lr_sched"]
+    for _ in range(5):  # through warm-up and the step at SOLVER.STEPS
+        theta_lr = {g["lr"] for g in optimizer.param_groups if g.get("is_theta")}
+        weight_lr = {g["lr"] for g in optimizer.param_groups if not g.get("is_theta")}
+        assert len(theta_lr) == 1 and max(weight_lr) > 0
+        assert theta_lr.pop() == pytest.approx(8 * max(weight_lr))
+        scheduler.step()
+    for bad in ("0.0", "-1.0", "'fast'"):
+        with pytest.raises(ValueError, match="MODEL.REG.THETA_LR_SCALE"):
+            tiny_cfg(dataset_root, tmp_path, "MODEL.REG.THETA_LR_SCALE", bad)
