@@ -1,5 +1,6 @@
-"""Training hooks: the per-tensor L2 factors, layer freezing that survives a resume, logs cut back
-to the resumed iteration, and a stop on divergence."""
+"""Training hooks: layer freezing that survives a resume, the evaluation history, logs cut back to
+the resumed iteration, and a stop on divergence. (The L2 factor log is the penalty's own:
+`adaptive_l2.regularizers.l2_base.L2FactorLogger`.)"""
 from __future__ import annotations
 
 import json
@@ -13,11 +14,9 @@ from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
 from fastreid.evaluation.testing import flatten_results_dict
 
-from adaptive_l2.regularizers.l2 import THETA_DEAD, AdaptiveL2Penalty, L2PenaltyBase
-from adaptive_l2.run_files import EVAL_HISTORY_FILE, FACTORS_FILE, METRICS_FILE
+from adaptive_l2.run_files import EVAL_HISTORY_FILE, METRICS_FILE
 
 logger = logging.getLogger(__name__)
-
 
 
 def read_json_lines(path: str, drop_torn_tail: bool = False) -> List[Dict]:
@@ -60,54 +59,6 @@ def keep_records_until(path: str, iteration: int) -> None:
     _keep_records(path, lambda record: iteration > 0 and record.get("iteration", 0) <= iteration)
 
 
-class L2FactorLogger(HookBase):
-    """Every `period` epochs: factor statistics to the event storage (console, metrics.json,
-    tensorboard) and every factor lambda_n = A_n * f(theta_n) to OUTPUT_DIR/l2_factors.jsonl."""
-
-    def __init__(self, penalty: L2PenaltyBase, period_epochs: int, output_dir: str):
-        self.penalty = penalty
-        self.period = max(1, int(period_epochs))
-        self.path = os.path.join(output_dir, FACTORS_FILE) if output_dir else ""
-        self._warned_dead = False
-
-    def before_train(self):
-        keep_records_until(self.path, self.trainer.iter)
-        if self.trainer.iter == 0:
-            self._record(epoch=-1)
-
-    def after_epoch(self):
-        epoch = self.trainer.epoch
-        if (epoch + 1) % self.period == 0 or epoch + 1 >= self.trainer.max_epoch:
-            self._record(epoch)
-
-    def _record(self, epoch: int) -> None:
-        factors = self.penalty.factors().float().cpu()
-        thetas = None
-        dead = 0
-        if isinstance(self.penalty, AdaptiveL2Penalty):
-            thetas = self.penalty.theta_vector().detach().cpu()
-            dead = int((thetas <= THETA_DEAD).sum())
-        storage = self.trainer.storage
-        storage.put_scalars(
-            l2_factor_min=float(factors.min()), l2_factor_median=float(factors.median()),
-            l2_factor_max=float(factors.max()), l2_factors_zero=float((factors == 0).sum()),
-            smoothing_hint=False)
-        if dead and not self._warned_dead:
-            logger.warning("%d of %d adaptive L2 factors reached 0 for good (theta <= %.1f)",
-                           dead, len(factors), THETA_DEAD)
-            self._warned_dead = True
-        if self.path and comm.is_main_process():
-            record = {
-                "iteration": int(self.trainer.iter), "epoch": epoch,
-                "penalty": type(self.penalty).__name__,
-                "names": self.penalty.names, "kinds": [e.kind for e in self.penalty.entries],
-                "factors": factors.tolist(),
-                "thetas": None if thetas is None else thetas.tolist(),
-            }
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-
 class ResumableLayerFreeze(fastreid_hooks.LayerFreeze):
     """fast-reid's LayerFreeze (frozen children in eval mode, kept so after every evaluation),
     plus the optimizer's freeze switch driven by the trainer's iteration, which a resumed run
@@ -127,7 +78,6 @@ class ResumableLayerFreeze(fastreid_hooks.LayerFreeze):
             for name, module in self.model.named_children():
                 if name in self.freeze_layers and module.training:
                     module.eval()
-
 
 
 class EvalHistory(HookBase):

@@ -14,18 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaptive_l2  # noqa: F401  (compat patches before fast-reid imports)
-from adaptive_l2.sgp import (
-    AdversarialTraining,
-    AttackSpec,
-    FeatureGradientPerturbation,
-    ParameterGradientPerturbation,
-    embed,
-    evaluate_robustness,
-    format_robustness_comparison,
-    format_robustness_table,
-    metric_attack,
-    perturb_gradient,
-)
+from adaptive_l2.adversarial import AdversarialTraining, embed, metric_attack
+from adaptive_l2.evaluation.robustness import (AttackSpec, evaluate_robustness,
+                                               format_robustness_comparison,
+                                               format_robustness_table)
+from adaptive_l2.regularizers.sgp import (FeatureGradientPerturbation,
+                                          ParameterGradientPerturbation, perturb_gradient)
 from fastreid.config import get_cfg
 from fastreid.evaluation.rank import evaluate_rank
 from fastreid.modeling.meta_arch import build_model

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import adaptive_l2  # noqa: F401  (compat patches before fast-reid imports)
 from adaptive_l2 import compat
 from adaptive_l2.config import load_config
-from adaptive_l2.sgp import ParameterGradientPerturbation
+from adaptive_l2.regularizers.sgp import ParameterGradientPerturbation
 from adaptive_l2.trainer import Trainer, TrainStep
 from fastreid.engine.train_loop import SimpleTrainer
 from fastreid.utils.events import EventStorage

@@ -13,21 +13,30 @@ project's reconstruction (see ``shared/reference/sgp.md``):
   tensor's ``.grad`` after the gradients are synchronized across processes.
 
 Both draw from their own ``torch.Generator``, never from the global RNG, so switching SGP on does
-not change the data order or the initialisation of a run.
+not change the data order or the initialisation of a run. In the trainer each runs as a step
+regularizer (:class:`FeatureNoiseStep`, :class:`ParameterNoiseStep`): on from
+``MODEL.REG.SGP.START_ITER``, its noise keyed by the iteration, its relative size logged as
+``sgp_relative_perturbation``.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
+from fastreid.utils import comm
+from fastreid.utils.events import get_event_storage
 from torch import Tensor, nn
+
+from adaptive_l2.modeling.model_state import unwrap_model
+from adaptive_l2.regularizers.step import StepRegularizer, iteration_seed
 
 __all__ = [
     "NOISE_KINDS",
     "FeatureGradientPerturbation",
+    "FeatureNoiseStep",
     "ParameterGradientPerturbation",
+    "ParameterNoiseStep",
     "perturb_gradient",
 ]
 
@@ -112,12 +121,6 @@ def perturb_gradient(
     return grad + delta.to(grad.dtype)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The wrapped module of DistributedDataParallel / DataParallel, else ``model``."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
-
 def _flat_tensors(output: object) -> List[Tensor]:
     """Tensors of a module output (a tensor, or tensors inside a tuple / list / dict)."""
     if isinstance(output, Tensor):
@@ -127,13 +130,6 @@ def _flat_tensors(output: object) -> List[Tensor]:
     if isinstance(output, (tuple, list)):
         return [t for v in output for t in _flat_tensors(v)]
     return []
-
-
-def iteration_seed(seed: int, iteration: int) -> int:
-    """The seed of a random stream at one training iteration: a stream keyed by the iteration
-    needs no saved state, so a resumed run draws what the uninterrupted one drew."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(iteration)])
-    return int(state.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 class _GeneratorPool:
@@ -227,7 +223,7 @@ class FeatureGradientPerturbation:
         self._last_key: Optional[str] = None
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
 
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         modules = dict(inner.named_modules())
         for site in self.sites:
             if site not in modules or site == "":
@@ -430,3 +426,53 @@ class ParameterGradientPerturbation:
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore the generators' state saved by :meth:`state_dict`."""
         self._generators.load_state_dict(state)
+
+
+class _NoiseStep(StepRegularizer):
+    """SGP in the training step: active from `start_iter`, its streams keyed by the iteration, and
+    the relative size of its last perturbation logged (as a tensor: no wait for the device)."""
+
+    def __init__(self, perturbation, start_iter: int) -> None:
+        self.perturbation = perturbation
+        self.start_iter = int(start_iter)
+        self.active = False
+
+    def before_step(self, iteration: int) -> None:
+        self.active = iteration >= self.start_iter
+        self.perturbation.start_iteration(iteration)
+
+    def write_metrics(self) -> None:
+        if not self.active or not comm.is_main_process():
+            return
+        relative = self.perturbation.last_relative_perturbation_tensor  # a float only when logged
+        if relative is not None:
+            get_event_storage().put_scalar("sgp_relative_perturbation", relative)
+
+
+class FeatureNoiseStep(_NoiseStep):
+    """SGP-F in the training step: the feature-site hooks switched on from `start_iter`."""
+
+    def __init__(self, perturbation: FeatureGradientPerturbation, start_iter: int = 0) -> None:
+        super().__init__(perturbation, start_iter)
+
+    def before_step(self, iteration: int) -> None:
+        super().before_step(iteration)
+        self.perturbation.set_enabled(self.active)
+
+    def after_backward(self, step) -> None:
+        self.write_metrics()
+
+
+class ParameterNoiseStep(_NoiseStep):
+    """SGP-P in the training step: the synchronized, unscaled parameter gradients perturbed just
+    before the optimizer step, from `start_iter` on."""
+
+    def __init__(self, perturbation: ParameterGradientPerturbation, start_iter: int = 0) -> None:
+        super().__init__(perturbation, start_iter)
+
+    def after_backward(self, step) -> None:
+        if self.active:
+            step.unscale_gradients()
+            self.perturbation.apply(
+                [p for group in step.optimizer.param_groups for p in group["params"]])
+        self.write_metrics()
