@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from adaptive_l2.adversarial.training import AdversarialTraining
 from adaptive_l2.checkpoint import RandomStreams, SafeCheckpointer
-from adaptive_l2.compat import put_deferred_scalars
+from adaptive_l2.compat import put_deferred_scalars, set_writer_period
 from adaptive_l2.config import check_config
 from adaptive_l2.data.build import build_test_loader, build_train_loader, train_sampler_of
 from adaptive_l2.global_batch import convert_to_global_batch_norm, use_per_process_statistics
@@ -385,7 +385,7 @@ class Trainer(DefaultTrainer):
                 hook = ResumableLayerFreeze(self.model, self.optimizer, hook.freeze_layers,
                                             hook.freeze_iters)
             elif isinstance(hook, fastreid_hooks.PeriodicWriter):
-                hook._period = self.cfg.SOLVER.LOG_PERIOD
+                set_writer_period(hook, self.cfg.SOLVER.LOG_PERIOD)
             hooks.append(hook)
         evaluation = next(i for i, h in enumerate(hooks) if isinstance(h, fastreid_hooks.EvalHook))
         hooks.insert(evaluation + 1, EvalHistory(self.cfg.OUTPUT_DIR))

@@ -331,7 +331,7 @@ def check_ddp(args, record: dict) -> None:
     from fastreid.utils.events import EventStorage
     from torch.nn.parallel import DistributedDataParallel
 
-    from adaptive_l2.distributed import create_local_group
+    from adaptive_l2.compat import create_local_group
     from adaptive_l2.trainer import Trainer, resolve_amp
 
     cuda = args.device.startswith("cuda")

@@ -30,7 +30,7 @@ def test_fastreid_and_torchvision_import_after_the_patches():
 def test_fastreid_data_does_not_import_without_the_patches():
     """Documents the breakage the shims fix (torch._six, collections.Mapping)."""
     result = _python("import importlib.util\n"
-                     f"spec = importlib.util.spec_from_file_location('c', {compat.__file__!r})\n"
+                     f"spec = importlib.util.spec_from_file_location('c', {compat.imports.__file__!r})\n"
                      "c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)\n"
                      "c.patch_torchvision_op_schemas()\n"  # torchvision only, not the name shims
                      "import fastreid.data.build")

@@ -168,7 +168,7 @@ def _trainer_worker(rank, world, port, dataset_root, out):
     differently)."""
     from fastreid.utils.events import EventStorage
 
-    from adaptive_l2.distributed import create_local_group
+    from adaptive_l2.compat import create_local_group
     from adaptive_l2.trainer import Trainer, wrap_distributed
     from conftest import tiny_cfg
 
