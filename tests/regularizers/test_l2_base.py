@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_cfg
-from test_adaptive_l2 import Owner, Small
+from test_adaptive import Owner, Small
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
