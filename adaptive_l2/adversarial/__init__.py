@@ -6,7 +6,7 @@
 
 The robustness evaluation that uses the attacks is :mod:`adaptive_l2.evaluation.robustness`.
 """
-from adaptive_l2.adversarial.attacks import embed, metric_attack
+from adaptive_l2.adversarial.attacks import attack_with, embed, metric_attack
 from adaptive_l2.adversarial.training import AdversarialTraining, AdversarialTrainingStep
 
-__all__ = ["AdversarialTraining", "AdversarialTrainingStep", "embed", "metric_attack"]
+__all__ = ["AdversarialTraining", "AdversarialTrainingStep", "attack_with", "embed", "metric_attack"]

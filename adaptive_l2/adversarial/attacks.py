@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from adaptive_l2.modeling.model_state import model_device, restore_modes, save_modes, unwrap_model
 
-__all__ = ["embed", "metric_attack"]
+__all__ = ["attack_with", "embed", "metric_attack"]
 
 
 def embed(model: nn.Module, images: Tensor) -> Tensor:
@@ -127,3 +127,19 @@ def metric_attack(
     finally:
         restore_modes(modes)
     return adversarial.detach()
+
+
+def attack_with(budget, model: nn.Module, images: Tensor,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+    """:func:`metric_attack` with the budget of ``budget``: anything with ``eps``, ``steps``,
+    ``step_size`` and ``start_radius`` (an AdversarialTraining, a robustness AttackSpec)."""
+    return metric_attack(
+        model,
+        images,
+        eps=budget.eps,
+        steps=budget.steps,
+        step_size=budget.step_size,
+        random_start=True,
+        generator=generator,
+        start_radius=budget.start_radius,
+    )

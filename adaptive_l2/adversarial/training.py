@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from adaptive_l2.adversarial.attacks import metric_attack
+from adaptive_l2.adversarial.attacks import attack_with
 from adaptive_l2.regularizers.step import StepRegularizer, iteration_seed
 
 __all__ = ["AdversarialTraining", "AdversarialTrainingStep"]
@@ -90,17 +90,9 @@ class AdversarialTraining:
     def attack(
         self, model: nn.Module, images: Tensor, generator: Optional[torch.Generator] = None
     ) -> Tensor:
-        """Adversarial versions of ``images`` against the current model (detached)."""
-        return metric_attack(
-            model,
-            images,
-            eps=self.eps,
-            steps=self.steps,
-            step_size=self.step_size,
-            random_start=self.random_start,
-            generator=generator,
-            start_radius=self.start_radius,
-        )
+        """Adversarial versions of ``images`` against the current model (detached); the random
+        start is required (``random_start`` is checked True at construction)."""
+        return attack_with(self, model, images, generator)
 
     def losses(
         self,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adaptive_l2.adversarial.attacks import embed, metric_attack
+from adaptive_l2.adversarial.attacks import attack_with, embed
 from adaptive_l2.modeling.model_state import model_device, restore_modes, save_modes, unwrap_model
 
 __all__ = [
@@ -92,16 +92,7 @@ class AttackSpec:
         """The attacked images (the images themselves for "clean")."""
         if self.kind == "clean":
             return images
-        return metric_attack(
-            model,
-            images,
-            eps=self.eps,
-            steps=self.steps,
-            step_size=self.step_size,
-            random_start=True,
-            generator=generator,
-            start_radius=self.start_radius,
-        )
+        return attack_with(self, model, images, generator)
 
 
 STANDARD_ATTACKS: Tuple[AttackSpec, ...] = (

@@ -171,7 +171,31 @@ class _GeneratorPool:
         self._pending_states = dict(state["generator_states"])
 
 
-class FeatureGradientPerturbation:
+class _NoiseSource:
+    """What SGP-F and SGP-P share: an on/off switch, and their generators (``_generators``, a
+    :class:`_GeneratorPool`) keyed by (seed, iteration)."""
+
+    enabled: bool
+    _generators: _GeneratorPool
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the perturbation on or off (e.g. off during a warm-up)."""
+        self.enabled = bool(enabled)
+
+    def start_iteration(self, iteration: int) -> None:
+        """Draw this iteration's noise from a stream keyed by (seed, iteration)."""
+        self._generators.start_iteration(iteration)
+
+    def state_dict(self) -> Dict[str, object]:
+        """The generators' state, to resume a run with the same noise stream."""
+        return self._generators.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore the generators' state saved by :meth:`state_dict`."""
+        self._generators.load_state_dict(state)
+
+
+class FeatureGradientPerturbation(_NoiseSource):
     """SGP-F, SGP (reconstructed from the abstract): perturb the gradient at feature sites.
 
     A forward hook on each site module registers, on every output tensor that requires grad, a
@@ -235,10 +259,6 @@ class FeatureGradientPerturbation:
         for site in self.sites:
             self._handles.append(modules[site].register_forward_hook(self._forward_hook_for(site)))
 
-    def set_enabled(self, enabled: bool) -> None:
-        """Switch the perturbation on or off (e.g. off during a warm-up)."""
-        self.enabled = bool(enabled)
-
     def remove(self) -> None:
         """Detach the forward hooks; the model behaves as if SGP had never been installed."""
         for handle in self._handles:
@@ -267,18 +287,6 @@ class FeatureGradientPerturbation:
         """The last relative perturbation per site output (``site`` or ``site[i]`` for tuples)."""
         return {key: float(value) for key, value in self._relative.items()}
 
-    def start_iteration(self, iteration: int) -> None:
-        """Draw this iteration's noise from a stream keyed by (seed, iteration)."""
-        self._generators.start_iteration(iteration)
-
-    def state_dict(self) -> Dict[str, object]:
-        """The generators' state, to resume a run with the same noise stream."""
-        return self._generators.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Restore the generators' state saved by :meth:`state_dict`."""
-        self._generators.load_state_dict(state)
-
     def _forward_hook_for(self, site: str) -> Callable[[nn.Module, object, object], None]:
         def forward_hook(module: nn.Module, inputs: object, output: object) -> None:
             if not (self.enabled and module.training and torch.is_grad_enabled()):
@@ -303,7 +311,7 @@ class FeatureGradientPerturbation:
         return gradient_hook
 
 
-class ParameterGradientPerturbation:
+class ParameterGradientPerturbation(_NoiseSource):
     """SGP-P, SGP (reconstructed from the abstract), an ablation: perturb parameter gradients.
 
     :meth:`apply` adds ``alpha * ||g|| / sqrt(n) * xi`` to each parameter tensor's ``.grad`` in
@@ -332,10 +340,6 @@ class ParameterGradientPerturbation:
         self._generators = _GeneratorPool(int(seed))
         self._relative: Optional[Tensor] = None
         self._layouts: Dict[Tuple[Tuple[int, ...], str], Tuple[Tensor, Tensor]] = {}
-
-    def set_enabled(self, enabled: bool) -> None:
-        """Switch the perturbation on or off (e.g. off during a warm-up)."""
-        self.enabled = bool(enabled)
 
     @torch.no_grad()
     def apply(self, params: Iterable[nn.Parameter]) -> None:
@@ -414,18 +418,6 @@ class ParameterGradientPerturbation:
     def last_relative_perturbation_tensor(self) -> Optional[Tensor]:
         """The same as a 0-d tensor on the device, for logging without waiting for it."""
         return self._relative
-
-    def start_iteration(self, iteration: int) -> None:
-        """Draw this iteration's noise from a stream keyed by (seed, iteration)."""
-        self._generators.start_iteration(iteration)
-
-    def state_dict(self) -> Dict[str, object]:
-        """The generators' state, to resume a run with the same noise stream."""
-        return self._generators.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Restore the generators' state saved by :meth:`state_dict`."""
-        self._generators.load_state_dict(state)
 
 
 class _NoiseStep(StepRegularizer):
