@@ -18,7 +18,7 @@ embeddings' backward sums every process's gradient into the owner's slice.
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,40 @@ logger = logging.getLogger(__name__)
 def distributed_world() -> int:
     """Processes in the default group, 1 outside torch.distributed."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def check_process_share(process_share: Tuple[int, int]) -> Tuple[int, int]:
+    """(rank, world size) as ints, or a clear error."""
+    rank, world = (int(value) for value in process_share)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"process_share must be (rank, world_size) with 0 <= rank < world_size, "
+                         f"got {tuple(process_share)!r}")
+    return rank, world
+
+
+def draw_for_share(draw: Callable[[Tuple[int, ...]], torch.Tensor], local_rows: int,
+                   process_share: Tuple[int, int], blocks: int = 1) -> torch.Tensor:
+    """This process's rows of a per-sample random draw made for the GLOBAL batch.
+
+    Why: every process seeds the stream alike and draws for all processes' samples, then keeps
+    its own, so each sample gets the noise it gets in a one-process run (SGP-F's noise, AT's
+    random start): k processes are the same experiment, sample for sample. Each process draws k
+    times its share (cheap next to a forward pass on a GPU).
+
+    `draw(leading_shape)` returns a tensor of shape leading_shape + per-sample shape. The local
+    rows are `blocks` equal consecutive blocks (AT's [clean, adversarial] batch is 2), each this
+    process's share of the matching global block; the processes hold equal consecutive shares,
+    as the project's samplers split each global batch. With one process the draw is the same
+    stream whatever `blocks` is.
+    """
+    rank, world = check_process_share(process_share)
+    if blocks < 1 or local_rows % blocks:
+        raise ValueError(f"{local_rows} rows cannot be split into {blocks} equal blocks of "
+                         "samples (the batch seen at this point is not a whole number of the "
+                         "process's data batches)")
+    per_block = local_rows // blocks
+    full = draw((blocks, world, per_block))
+    return full[:, rank].reshape(local_rows, *full.shape[3:])
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -18,12 +18,13 @@ one step of size eps, projected back onto the eps ball ("FGSM with random start"
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adaptive_l2.global_batch import draw_for_share
 from adaptive_l2.modeling.model_state import model_device, restore_modes, save_modes, unwrap_model
 
 __all__ = ["attack_with", "embed", "metric_attack"]
@@ -59,6 +60,7 @@ def metric_attack(
     pixel_min: float = 0.0,
     pixel_max: float = 255.0,
     start_radius: Optional[float] = None,
+    process_share: Tuple[int, int] = (0, 1),
 ) -> Tensor:
     """Untargeted metric attack: push each image's embedding away from its clean embedding.
 
@@ -66,7 +68,9 @@ def metric_attack(
     L-infinity ball of radius ``eps`` around ``images`` (0-255 scale), clipped to
     ``[pixel_min, pixel_max]``. FGSM: ``steps=1`` (step ``eps``, start radius ``eps/4``); PGD-k:
     ``steps=k`` (step ``eps/4``, start radius ``eps``); ``step_size`` / ``start_radius`` override.
-    The random start draws from ``generator`` (on the model's device; None: the global RNG).
+    The random start draws from ``generator`` (on the model's device; None: the global RNG), for
+    the global batch of which ``images`` are share ``process_share`` = (rank, world size): each
+    sample starts where it would in a one-process run.
 
     The model (a DDP wrapper is looked through: the attack is per sample and needs no gradient
     sync) runs in eval mode -- BN running statistics, no dropout, SGP hooks inactive -- and every
@@ -114,7 +118,10 @@ def metric_attack(
         with torch.autocast(device.type, enabled=False):
             with torch.no_grad():
                 reference = F.normalize(embed(module, clean).float(), dim=1)
-            start = torch.rand(clean.shape, generator=generator, device=device).mul_(2.0).sub_(1.0)
+            start = draw_for_share(
+                lambda lead: torch.rand((*lead, *clean.shape[1:]), generator=generator,
+                                        device=device),
+                clean.shape[0], process_share).mul_(2.0).sub_(1.0)
             adversarial = torch.max(torch.min(clean + start_radius * start, upper), lower)
             for _ in range(steps):
                 adversarial.requires_grad_(True)
@@ -130,7 +137,8 @@ def metric_attack(
 
 
 def attack_with(budget, model: nn.Module, images: Tensor,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+                generator: Optional[torch.Generator] = None,
+                process_share: Tuple[int, int] = (0, 1)) -> Tensor:
     """:func:`metric_attack` with the budget of ``budget``: anything with ``eps``, ``steps``,
     ``step_size`` and ``start_radius`` (an AdversarialTraining, a robustness AttackSpec)."""
     return metric_attack(
@@ -142,4 +150,5 @@ def attack_with(budget, model: nn.Module, images: Tensor,
         random_start=True,
         generator=generator,
         start_radius=budget.start_radius,
+        process_share=process_share,
     )

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from adaptive_l2.adversarial.attacks import attack_with
+from adaptive_l2.global_batch import check_process_share
 from adaptive_l2.regularizers.step import StepRegularizer, iteration_seed
 
 __all__ = ["AdversarialTraining", "AdversarialTrainingStep"]
@@ -65,6 +66,7 @@ class AdversarialTraining:
         random_start: must be True (see :func:`metric_attack`).
         start_radius: None: eps/4 for FGSM, eps for PGD.
         adv_weight: weight of the adversarial losses (1: one concatenated batch).
+        process_share: (rank, world size): the random starts are drawn for the global batch.
     """
 
     eps: float = 4.0
@@ -73,8 +75,10 @@ class AdversarialTraining:
     random_start: bool = True
     start_radius: Optional[float] = None
     adv_weight: float = 1.0
+    process_share: Tuple[int, int] = (0, 1)
 
     def __post_init__(self) -> None:
+        check_process_share(self.process_share)  # refused here, not mid-training
         if not math.isfinite(self.eps) or self.eps <= 0:
             raise ValueError(f"AdversarialTraining eps must be > 0 (0-255 scale), got {self.eps!r}")
         if self.steps < 1:
@@ -92,7 +96,7 @@ class AdversarialTraining:
     ) -> Tensor:
         """Adversarial versions of ``images`` against the current model (detached); the random
         start is required (``random_start`` is checked True at construction)."""
-        return attack_with(self, model, images, generator)
+        return attack_with(self, model, images, generator, self.process_share)
 
     def losses(
         self,

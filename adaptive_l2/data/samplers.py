@@ -25,6 +25,8 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 from fastreid.utils import comm
 
+from adaptive_l2.seeds import derived_seed
+
 
 class SampleRef(int):
     """A dataset index that also carries the seed of its random augmentation.
@@ -45,8 +47,7 @@ class SampleRef(int):
 
 def sample_seed(sampler_seed: int, batch_number: int, position: int) -> int:
     """A well-mixed 32-bit seed (numpy's limit) for one sample of one global batch."""
-    state = np.random.SeedSequence([sampler_seed & 0xFFFFFFFF, batch_number, position])
-    return int(state.generate_state(1, dtype=np.uint32)[0])
+    return derived_seed([sampler_seed, batch_number, position], bits=32)
 
 
 def process_slice(global_batch_size: int, num_instances: int, rank: int,

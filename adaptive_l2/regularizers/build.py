@@ -61,21 +61,26 @@ def attach_l2_penalty(model: nn.Module, cfg) -> Optional[L2PenaltyBase]:
 def build_step_regularizers(cfg, model: nn.Module) -> List[StepRegularizer]:
     """The step regularizers of MODEL.REG, in the order the step runs them: adversarial training
     (it computes the step's losses), then SGP (feature sites hooked on `model`, or the parameter
-    gradients). Each draws from its own stream keyed by the iteration; AT's is seeded with
-    AT.SEED + rank, SGP-F's with SGP.SEED + rank, SGP-P's with SGP.SEED on every process."""
+    gradients). Each draws from its own stream keyed by the iteration, seeded alike on every
+    process (AT.SEED, SGP.SEED); AT and SGP-F draw for the global batch and keep this process's
+    rows, so k processes perturb and attack each sample as one process does."""
     reg = cfg.MODEL.REG
     regularizers: List[StepRegularizer] = []
+    # every process seeds SGP-F and AT alike and draws for the global batch (draw_for_share)
+    share = (comm.get_rank(), comm.get_world_size())
     if reg.AT.ENABLED:
-        training = AdversarialTraining(eps=reg.AT.EPS, steps=reg.AT.STEPS, adv_weight=reg.AT.WEIGHT)
+        training = AdversarialTraining(eps=reg.AT.EPS, steps=reg.AT.STEPS, adv_weight=reg.AT.WEIGHT,
+                                       process_share=share)
         regularizers.append(AdversarialTrainingStep(
-            training, torch.device(cfg.MODEL.DEVICE), seed=reg.AT.SEED + comm.get_rank()))
+            training, torch.device(cfg.MODEL.DEVICE), seed=reg.AT.SEED))
     if reg.SGP.ENABLED:
         logger.info("SGP (reconstructed from the abstract): mode %s, alpha %g, noise %s",
                     reg.SGP.MODE, reg.SGP.ALPHA, reg.SGP.NOISE)
         if reg.SGP.MODE == "feature":
             noise = FeatureGradientPerturbation(
                 model, sites=tuple(reg.SGP.SITES), alpha=reg.SGP.ALPHA, prob=reg.SGP.PROB,
-                noise=reg.SGP.NOISE, seed=reg.SGP.SEED, rank=comm.get_rank())
+                noise=reg.SGP.NOISE, seed=reg.SGP.SEED, rank=share[0], world_size=share[1],
+                samples_per_process=cfg.SOLVER.IMS_PER_BATCH // share[1])
             regularizers.append(FeatureNoiseStep(noise, reg.SGP.START_ITER))
         else:
             noise = ParameterGradientPerturbation(

@@ -28,6 +28,7 @@ from fastreid.utils import comm
 from fastreid.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from adaptive_l2.global_batch import check_process_share, draw_for_share
 from adaptive_l2.modeling.model_state import unwrap_model
 from adaptive_l2.regularizers.step import StepRegularizer, iteration_seed
 
@@ -73,19 +74,28 @@ def _draw_noise(
 
 
 def _perturbation(
-    grad: Tensor, alpha: float, prob: float, noise: str, generator: torch.Generator
+    grad: Tensor, alpha: float, prob: float, noise: str, generator: torch.Generator,
+    process_share: Tuple[int, int] = (0, 1), samples_per_process: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The additive perturbation (fp32, shape of ``grad``) and each row's relative size.
 
     Rows are the slices along dim 0 (a 0-d tensor is one row). The relative size of a row is
-    ``||delta_b|| / ||G_b||``, 0 for rows left unperturbed or with a zero gradient.
+    ``||delta_b|| / ||G_b||``, 0 for rows left unperturbed or with a zero gradient. The mask and
+    noise are drawn for the global batch and this process's rows kept (``draw_for_share``); rows
+    that are several data batches (AT's clean + adversarial) are split by ``samples_per_process``.
     """
     num_rows = grad.shape[0] if grad.dim() > 0 else 1
     dim = grad.numel() // num_rows if num_rows > 0 else 0
     rows = grad.detach().reshape(num_rows, dim).float()
+    blocks = num_rows // samples_per_process if samples_per_process else 1
+    if process_share[1] == 1:
+        blocks = 1  # one process: the same stream whatever the blocks
+    device = grad.device
     # Draw the Bernoulli mask first and always, so the stream advances the same way for any prob.
-    applied = torch.rand(num_rows, generator=generator, device=grad.device) < prob
-    xi = _draw_noise((num_rows, dim), noise, generator, grad.device)
+    applied = draw_for_share(lambda lead: torch.rand(lead, generator=generator, device=device),
+                             num_rows, process_share, max(blocks, 1)) < prob
+    xi = draw_for_share(lambda lead: _draw_noise((*lead, dim), noise, generator, device),
+                        num_rows, process_share, max(blocks, 1))
     norms = torch.linalg.vector_norm(rows, dim=1)
     scale = alpha * norms / math.sqrt(max(dim, 1)) * applied
     delta = xi * scale.unsqueeze(1)
@@ -206,9 +216,11 @@ class FeatureGradientPerturbation(_NoiseSource):
     Evaluation features, and input gradients taken in eval mode (adversarial attacks), are therefore
     untouched; and a site that fast-reid's ``LayerFreeze`` has put in eval mode (frozen) is skipped.
 
-    Randomness comes from a private ``torch.Generator`` per device seeded with ``seed + rank``
-    (different noise on each process, as each sees different samples); the global RNG is never
-    consumed, so data order and initialisation do not change when SGP is switched on.
+    Randomness comes from a private ``torch.Generator`` per device, seeded alike in every
+    process and keyed by the iteration; each process draws the noise of the whole global batch
+    and keeps its own rows (``rank`` of ``world_size`` equal consecutive shares), so a k-process
+    run perturbs every sample as the one-process run does. The global RNG is never consumed, so
+    data order and initialisation do not change when SGP is switched on.
 
     Args:
         model: the model (a DistributedDataParallel wrapper is looked through).
@@ -216,8 +228,10 @@ class FeatureGradientPerturbation(_NoiseSource):
         alpha: relative size of the perturbation, ``||G~ - G|| / ||G||``; 0 reproduces the baseline.
         prob: probability that a sample's gradient is perturbed.
         noise: ``"gaussian"``, ``"uniform"`` or ``"rademacher"``.
-        seed: seed of the private generator.
-        rank: process rank, added to ``seed``.
+        seed: seed of the private generator (the same in every process).
+        rank, world_size: this process's share of the global batch.
+        samples_per_process: the data batch of one process; a site output with a multiple of
+            it in rows (AT's clean + adversarial batch) is that many blocks of samples.
         enabled: initial state of the switch (see :meth:`set_enabled`).
     """
 
@@ -231,8 +245,13 @@ class FeatureGradientPerturbation(_NoiseSource):
         seed: int = 0,
         rank: int = 0,
         enabled: bool = True,
+        world_size: int = 1,
+        samples_per_process: Optional[int] = None,
     ) -> None:
         _check_hyper_parameters(alpha, prob, noise)
+        # a bad share is refused now, not at the first backward
+        self.process_share = check_process_share((rank, world_size))
+        self.samples_per_process = samples_per_process
         if isinstance(sites, str):
             sites = (sites,)
         if not sites:
@@ -242,7 +261,7 @@ class FeatureGradientPerturbation(_NoiseSource):
         self.noise = noise
         self.enabled = bool(enabled)
         self.sites: Tuple[str, ...] = tuple(sites)
-        self._generators = _GeneratorPool(int(seed) + int(rank))
+        self._generators = _GeneratorPool(int(seed))
         self._relative: Dict[str, Tensor] = {}
         self._last_key: Optional[str] = None
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
@@ -303,7 +322,8 @@ class FeatureGradientPerturbation(_NoiseSource):
             if self.alpha == 0:
                 return grad
             generator = self._generators.get(grad.device)
-            delta, relative = _perturbation(grad, self.alpha, self.prob, self.noise, generator)
+            delta, relative = _perturbation(grad, self.alpha, self.prob, self.noise, generator,
+                                            self.process_share, self.samples_per_process)
             self._relative[key] = relative.mean().detach()
             self._last_key = key
             return grad + delta.to(grad.dtype)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict
 
-import numpy as np
 import torch
 from torch import nn
+
+from adaptive_l2.seeds import derived_seed
 
 if TYPE_CHECKING:
     from adaptive_l2.trainer import TrainStep
@@ -30,8 +31,7 @@ if TYPE_CHECKING:
 def iteration_seed(seed: int, iteration: int) -> int:
     """The seed of a random stream at one training iteration: a stream keyed by the iteration
     needs no saved state, so a resumed run draws what the uninterrupted one drew."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(iteration)])
-    return int(state.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+    return derived_seed([seed, iteration], bits=63)
 
 
 class StepRegularizer:

@@ -137,7 +137,8 @@ def test_sgp_f_noise_is_repeatable_from_its_seed_and_differs_by_rank():
     grads = []
     for rank in (0, 0, 1):
         model = small_model()
-        FeatureGradientPerturbation(model, alpha=0.3, seed=7, rank=rank)
+        # the same batch as rank 0 or rank 1 of 2: another share of the global draw
+        FeatureGradientPerturbation(model, alpha=0.3, seed=7, rank=rank, world_size=2)
         grads.append(train_step_grads(model, batch)["backbone.conv1.weight"])
     assert torch.equal(grads[0], grads[1])
     assert not torch.equal(grads[0], grads[2])
