@@ -19,6 +19,7 @@ setup(
             "adaptive-l2-table=adaptive_l2.cli.table:main",
             "adaptive-l2-attack=adaptive_l2.cli.attack:main",
             "adaptive-l2-plot=adaptive_l2.cli.plot:main",
+            "adaptive-l2-tune=adaptive_l2.cli.tune:main",
         ],
     },
     python_requires=">=3.10",
@@ -35,6 +36,8 @@ setup(
         "tensorboard>=2.12",
         "Pillow>=9.0",
         "matplotlib>=3.7",
+        "optuna>=4.0",  # tools/tune.py: studies over the regularizer settings
+        "submitit>=1.5",  # Slurm (and local) jobs for the table and the tuning workers
         "Cython>=3.0",  # builds fast-reid's rank evaluator at install time
         "setuptools>=65",
     ],

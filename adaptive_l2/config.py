@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from importlib import resources
 from typing import List, Optional, Tuple
@@ -18,6 +19,8 @@ import torch
 import yaml
 from fastreid.config import CfgNode as CN
 from fastreid.config import get_cfg
+
+from adaptive_l2.data.validation import held_out_count
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,14 @@ def add_reg_config(cfg: CN) -> CN:
     cfg.DATASETS.SYNTHETIC.HEIGHT = 128  # generated image height in pixels
     cfg.DATASETS.SYNTHETIC.WIDTH = 64  # generated image width in pixels
     cfg.DATASETS.SYNTHETIC.DIFFICULTY = 1.0  # scales every nuisance (camera, pose, occlusion); 0-3
+
+    # A validation split carved from the training identities (adaptive_l2.data.validation): the
+    # held-out identities leave training and, while on, evaluation uses them instead of
+    # DATASETS.TESTS (tuning must not select on the test set). Set one of the two; 0 = off.
+    cfg.DATASETS.VALIDATION = CN()
+    cfg.DATASETS.VALIDATION.IDENTITIES = 0  # number of training identities held out
+    cfg.DATASETS.VALIDATION.FRACTION = 0.0  # or this fraction of them, in [0, 1)
+    cfg.DATASETS.VALIDATION.SEED = 0  # which identities, and which of their images are queries
 
     cfg.SOLVER.ITERS_PER_EPOCH = 0  # iterations per epoch; 0 = len(train set) // IMS_PER_BATCH
     cfg.SOLVER.LOG_PERIOD = 200  # iterations between console / metrics.json / tensorboard writes
@@ -168,6 +179,8 @@ def check_config(cfg: CN) -> None:
         raise ValueError(
             f"MODEL.REG.CONVENTIONAL.FACTOR must be >= 0, got {cfg.MODEL.REG.CONVENTIONAL.FACTOR}"
         )
+    validation = cfg.DATASETS.VALIDATION
+    held_out_count(validation.IDENTITIES, validation.FRACTION, num_ids=sys.maxsize)
     sgp = cfg.MODEL.REG.SGP
     if sgp.MODE not in ("feature", "parameter"):
         raise ValueError(f"MODEL.REG.SGP.MODE must be 'feature' or 'parameter', got '{sgp.MODE}'")

@@ -23,3 +23,9 @@ FACTOR_TRAJECTORIES = "factor_trajectories.png"  # adaptive-l2-plot: every facto
 # Written by the table tool in its output root.
 TABLE_MARKDOWN = "results.md"
 TABLE_CSV = "results.csv"
+
+# Written by the tuner (adaptive-l2-tune) in its output folder.
+TRIALS_TABLE = "trials.csv"  # one row per trial: state, value, parameters, folder, error
+BEST_TRIAL_FILE = "best.json"  # best parameters, validation value, the test-set evaluation
+HISTORY_PLOT = "optimization_history.png"
+IMPORTANCE_PLOT = "param_importances.png"

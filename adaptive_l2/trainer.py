@@ -34,6 +34,7 @@ from adaptive_l2.checkpoint import RandomStreams, SafeCheckpointer
 from adaptive_l2.compat import put_deferred_scalars, set_writer_period
 from adaptive_l2.config import check_config
 from adaptive_l2.data.build import build_test_loader, build_train_loader, train_sampler_of
+from adaptive_l2.data.validation import VALIDATION_SET, validation_enabled
 from adaptive_l2.global_batch import convert_to_global_batch_norm, use_per_process_statistics
 from adaptive_l2.hooks import DivergenceGuard, EvalHistory, ResumableLayerFreeze, ResumedMetricsLog
 from adaptive_l2.modeling.backbone_options import apply_backbone_options
@@ -377,6 +378,19 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def test(cls, cfg, model):
+        """fast-reid's evaluation on DATASETS.TESTS, or, while DATASETS.VALIDATION is on, on the
+        validation split carved from the training identities (results named VALIDATION_SET)."""
+        if not validation_enabled(cfg):
+            return super().test(cfg, model)
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.DATASETS.TESTS = (VALIDATION_SET,)
+        cfg.freeze()
+        logger.info("Evaluating on the validation split (DATASETS.VALIDATION), not DATASETS.TESTS")
+        return super().test(cfg, model)
 
     def build_hooks(self):
         hooks = []

@@ -26,6 +26,9 @@ TINY_TRAINING = [
     "SOLVER.LOG_PERIOD", "1", "TEST.EVAL_PERIOD", "2", "TEST.IMS_PER_BATCH", "32",
     "DATALOADER.NUM_WORKERS", "0",
 ]
+# A validation split fast-reid's evaluator accepts (10+ gallery images): 4 of 10 identities held out.
+TINY_VALIDATION = ["DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "10", "DATASETS.SYNTHETIC.IMAGES_PER_ID", "6",
+                   "DATASETS.VALIDATION.IDENTITIES", "4"]
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +55,23 @@ def run_train_net(args, timeout=300, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"train_net failed ({result.returncode}):\n{result.stderr[-6000:]}")
     return result
+
+
+def market_folder(root, identities, bad_name="", cameras=2, images_per_id=4):
+    """A Market-1501 folder whose train split has `identities` x `images_per_id` images (tiny
+    JPEGs, cameras in turn); returns the dataset root to give as DATASETS.ROOT."""
+    from PIL import Image
+
+    base = root / "Market-1501-v15.09.15"
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        (base / split).mkdir(parents=True, exist_ok=True)
+    for pid in range(1, identities + 1):
+        for shot in range(images_per_id):
+            Image.new("RGB", (16, 32), (pid * 40 % 256, 90, 30)).save(
+                base / "bounding_box_train" / f"{pid:04d}_c{shot % cameras + 1}s1_{shot:06d}_00.jpg")
+    if bad_name:
+        Image.new("RGB", (16, 32)).save(base / "bounding_box_train" / bad_name)
+    return str(root)
 
 
 def read_results(output_dir):

@@ -2,7 +2,7 @@
 import os
 
 import pytest
-from conftest import SYNTHETIC_BASE, run_train_net, tiny_cfg, tiny_opts
+from conftest import SYNTHETIC_BASE, market_folder as _market, run_train_net, tiny_cfg, tiny_opts
 
 from adaptive_l2.config import load_config
 from adaptive_l2.compat import CorruptImageError
@@ -93,22 +93,6 @@ def test_adversarial_weight_with_an_l2_term_is_refused():
 
 
 # -- bad input that used to hang, crash obscurely, or run something else: named, in seconds -----
-
-def _market(root, identities, bad_name=""):
-    """A Market-1501 folder with 4 train images per identity (copies of one tiny JPEG)."""
-    from PIL import Image
-
-    base = root / "Market-1501-v15.09.15"
-    for split in ("bounding_box_train", "query", "bounding_box_test"):
-        (base / split).mkdir(parents=True, exist_ok=True)
-    for pid in range(1, identities + 1):
-        for shot in range(4):
-            Image.new("RGB", (16, 32), (pid * 40 % 256, 90, 30)).save(
-                base / "bounding_box_train" / f"{pid:04d}_c{shot % 2 + 1}s1_{shot:06d}_00.jpg")
-    if bad_name:
-        Image.new("RGB", (16, 32)).save(base / "bounding_box_train" / bad_name)
-    return str(root)
-
 
 MARKET = ["DATASETS.NAMES", '("Market1501",)', "DATASETS.TESTS", '("Market1501",)']
 

@@ -17,7 +17,8 @@ PACKAGE = os.path.dirname(os.path.abspath(adaptive_l2.__file__))
 ENTRY_POINTS = {"adaptive-l2-train": "adaptive_l2.cli.train:main",
                 "adaptive-l2-table": "adaptive_l2.cli.table:main",
                 "adaptive-l2-attack": "adaptive_l2.cli.attack:main",
-                "adaptive-l2-plot": "adaptive_l2.cli.plot:main"}
+                "adaptive-l2-plot": "adaptive_l2.cli.plot:main",
+                "adaptive-l2-tune": "adaptive_l2.cli.tune:main"}
 
 
 def test_configs_are_found_through_the_package_from_any_folder(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ pipeline on the embedded synthetic dataset.
   adaptive-l2-table --suite paper --emit-commands jobs.txt   # one line per row, job arrays
   adaptive-l2-table --suite paper --collect          # the table from finished runs
   adaptive-l2-table --suite synthetic                # CPU, minutes: the demo
+  adaptive-l2-table --suite paper --launcher slurm --partition gpu --gpus-per-job 1   # a job per row
 Runs go under the current folder (logs/SUITE/DATASET/ROW); each row's output is in its folder
 (console.txt, log.txt), the console shows one line per row and the table. Rows already finished
 are kept; an interrupted row resumes from its last checkpoint; a failed row is reported and the
@@ -20,6 +21,7 @@ import shlex
 import sys
 from typing import List, Optional
 
+from adaptive_l2.cluster import add_cluster_arguments, executor_from_args, submit_table, wait_for
 from adaptive_l2.reproduce import (MEASURED_STEPS, WARMUP_STEPS, collect_and_write, dry_run,
                                    gpu_slots, output_dir, row_status, run_suite, select_rows,
                                    suite_rows, train_command)
@@ -42,7 +44,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--gpus", default="",
                         help="GPU indices, e.g. 0,1,2,3: rows run side by side, one per group of "
                              "--num-gpus GPUs (CUDA_VISIBLE_DEVICES per row, MODEL.DEVICE cuda)")
-    parser.add_argument("--launcher", choices=["launch", "torchrun"], default="launch")
+    parser.add_argument("--launcher", choices=["launch", "torchrun", "slurm", "submitit-local"],
+                        default="launch",
+                        help="launch / torchrun: rows run here; slurm: one Slurm job per row "
+                             "(--num-gpus = --gpus-per-job), dagger rows in their R152 row's job; "
+                             "submitit-local: the same jobs as processes of this machine")
+    parser.add_argument("--wait", action="store_true",
+                        help="slurm: wait for the jobs, then write the table (default: submit "
+                             "and exit; --collect later)")
+    add_cluster_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the commands and their cost")
     parser.add_argument("--no-measure", action="store_true", help="dry run without timing steps")
     parser.add_argument("--device", default="", help="device the dry run times steps on")
@@ -76,6 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                       args.launcher, resume)) + "\n")
         print(f"{len(rows)} commands written to {args.emit_commands}")
         return 0
+    if args.launcher in ("slurm", "submitit-local") and not args.collect:
+        return submit_jobs(args, rows, root)
     failure = None
     if not args.collect:
         try:
@@ -90,6 +102,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"[reproduce] {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def submit_jobs(args: argparse.Namespace, rows, root: str) -> int:
+    """--launcher slurm / submitit-local: one job per row (adaptive_l2.cluster); with --wait (always
+    for submitit-local) the table of what finished is written after the jobs."""
+    kind = "slurm" if args.launcher == "slurm" else "local"
+    if kind == "local":
+        args.gpus_per_job = 0  # this machine's processes: the rows' own MODEL.DEVICE decides
+    try:
+        executor = executor_from_args(kind, args, os.path.join(root, "jobs"), "adaptive-l2-table")
+    except (ValueError, RuntimeError) as error:  # no --partition, or no Slurm here
+        print(f"[reproduce] {error}", file=sys.stderr)
+        return 2
+    jobs = submit_table(rows, root, args.opts, max(1, args.gpus_per_job), executor)
+    if kind == "slurm" and not args.wait:
+        print(f"{len(jobs)} jobs submitted; when they have ended: adaptive-l2-table --suite "
+              f"{args.suite} --output-root {root} --collect")
+        return 0
+    failures = wait_for(jobs, lambda job: ", ".join(job.rows))
+    table, paths = collect_and_write(rows, root, args.opts, draw_factors=args.suite == "synthetic")
+    print(table)
+    for path in paths:
+        print(f"written: {path}")
+    for failure in failures:
+        print(f"[reproduce] {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

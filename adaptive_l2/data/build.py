@@ -11,7 +11,7 @@ import logging
 import os
 import random
 from collections import Counter
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from adaptive_l2.compat import batches_on, host_train_sampler
 from adaptive_l2.data.samplers import (ChunkedIdentitySampler, PositionSeededSampler,
                                        StrictIdentitySampler)
 from adaptive_l2.data.transforms import build_transforms
+from adaptive_l2.data.validation import (VALIDATION_SET, ValidationSplit, split_validation,
+                                         validation_enabled)
 
 logger = logging.getLogger(__name__)
 
@@ -161,16 +163,37 @@ def check_batches_possible(cfg, items: Sequence) -> None:
             f"{len(items)} images). Lower SOLVER.IMS_PER_BATCH or DATALOADER.NUM_INSTANCE.")
 
 
-def build_train_loader(cfg):
+def training_items(cfg, show: bool = True) -> List:
+    """Every (path, pid, camid) of the DATASETS.NAMES training sets, in order."""
     items = []
     for name in cfg.DATASETS.NAMES:
         data = build_dataset(cfg, name, combineall=cfg.DATASETS.COMBINEALL)
         if not data.train:
             raise ValueError(f"dataset '{name}' has no training images: {_folder_of(data, 'train')} "
                              "holds no image fast-reid's loader reads (*.jpg)")
-        if comm.is_main_process():
+        if show and comm.is_main_process():
             data.show_train()
         items.extend(data.train)
+    return items
+
+
+def validation_split(cfg, items: Sequence) -> ValidationSplit:
+    """The DATASETS.VALIDATION split of the training items (everything stays training when off)."""
+    validation = cfg.DATASETS.VALIDATION
+    return split_validation(items, identities=validation.IDENTITIES,
+                            fraction=validation.FRACTION, seed=validation.SEED)
+
+
+def build_train_loader(cfg):
+    items = training_items(cfg)
+    if validation_enabled(cfg):
+        split = validation_split(cfg, items)
+        logger.info("DATASETS.VALIDATION: %d of %d training identities held out (%d query, %d "
+                    "gallery images); %d identities, %d images left to train on",
+                    len(split.held_out), len(split.held_out) + len({i[1] for i in split.train}),
+                    len(split.query), len(split.gallery), len({i[1] for i in split.train}),
+                    len(split.train))
+        items = split.train
     check_batches_possible(cfg, items)
     train_set = SeededSampleDataset(items, build_transforms(cfg, is_train=True), relabel=True)
     sampler = build_train_sampler(cfg, train_set)
@@ -184,17 +207,23 @@ def train_sampler_of(data_loader):
 
 
 def build_test_loader(cfg, dataset_name: str) -> Tuple[object, int]:
-    data = build_dataset(cfg, dataset_name)
-    for split, images in (("query", data.query), ("gallery", data.gallery)):
-        if not images:
-            raise ValueError(f"dataset '{dataset_name}' has no {split} images: "
-                             f"{_folder_of(data, split)} holds no image fast-reid's loader reads")
-    if comm.is_main_process():
-        data.show_test()
-    test_set = CommDataset(data.query + data.gallery, build_transforms(cfg, is_train=False),
-                           relabel=False)
+    """Query + gallery of a test set, or of the validation split when `dataset_name` is
+    VALIDATION_SET (the trainer evaluates on it while DATASETS.VALIDATION is on)."""
+    if dataset_name == VALIDATION_SET:
+        split = validation_split(cfg, training_items(cfg, show=False))
+        query, gallery = split.query, split.gallery
+    else:
+        data = build_dataset(cfg, dataset_name)
+        for split_name, images in (("query", data.query), ("gallery", data.gallery)):
+            if not images:
+                raise ValueError(f"dataset '{dataset_name}' has no {split_name} images: "
+                                 f"{_folder_of(data, split_name)} holds no image fast-reid's loader reads")
+        if comm.is_main_process():
+            data.show_test()
+        query, gallery = data.query, data.gallery
+    test_set = CommDataset(query + gallery, build_transforms(cfg, is_train=False), relabel=False)
     with batches_on(cfg.MODEL.DEVICE):
         loader, num_query = build_reid_test_loader(
             test_set=test_set, test_batch_size=cfg.TEST.IMS_PER_BATCH,
-            num_query=len(data.query), num_workers=cfg.DATALOADER.NUM_WORKERS)
+            num_query=len(query), num_workers=cfg.DATALOADER.NUM_WORKERS)
     return loader, num_query
