@@ -30,7 +30,7 @@ import torch
 from fastreid.utils.checkpoint import Checkpointer
 from torch import nn
 
-from adaptive_l2.regularizers.l2 import PENALTY_ATTRIBUTE
+from adaptive_l2.regularizers.l2_base import PENALTY_ATTRIBUTE
 from adaptive_l2.run_files import BEST_MODEL, LAST_CHECKPOINT
 
 logger = logging.getLogger(__name__)

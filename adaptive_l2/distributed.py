@@ -1,9 +1,10 @@
 """Multi-process training on GPUs (NCCL) or CPUs (gloo), spawned here or by torchrun.
 
-fast-reid's `launch` asserts CUDA and NCCL and creates `comm._LOCAL_PROCESS_GROUP` inside its own
-worker, so it cannot run CPU processes, and a process started by torchrun has no local group
-(`comm.get_local_rank()` then asserts). `launch` here uses fast-reid's for GPUs, its own gloo
-spawn for CPUs, and joins a torchrun job (env:// rendezvous, several nodes) when started by one.
+fast-reid's `launch` asserts CUDA and NCCL and creates fast-reid's local process group inside its
+own worker, so it cannot run CPU processes, and a process started by torchrun has no local group
+(`comm.get_local_rank()` then asserts; `adaptive_l2.compat.create_local_group` makes one).
+`launch` here uses fast-reid's for GPUs, its own gloo spawn for CPUs, and joins a torchrun job
+(env:// rendezvous, several nodes) when started by one.
 """
 from __future__ import annotations
 
@@ -18,20 +19,13 @@ import torch.multiprocessing as mp
 from fastreid.engine import launch as fastreid_launch
 from fastreid.utils import comm
 
+from adaptive_l2.compat import create_local_group
+
 logger = logging.getLogger(__name__)
 
 
 def started_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
-
-
-def create_local_group(world_size: int, local_size: int, machine_rank: int) -> None:
-    """The per-machine group fast-reid's comm.get_local_rank()/get_local_size() rely on."""
-    for machine in range(world_size // local_size):
-        ranks = list(range(machine * local_size, (machine + 1) * local_size))
-        group = dist.new_group(ranks)
-        if machine == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
 
 
 def _backend(use_cuda: bool) -> str:

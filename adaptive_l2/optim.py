@@ -23,7 +23,8 @@ from torch import nn
 
 from adaptive_l2.config import regularizer_enabled
 from adaptive_l2.keras_adam import KerasAdam
-from adaptive_l2.regularizers.l2 import AdaptiveL2Penalty, L2PenaltyBase, find_l2_penalty
+from adaptive_l2.regularizers.adaptive import AdaptiveL2Penalty
+from adaptive_l2.regularizers.l2_base import L2PenaltyBase, find_l2_penalty
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def build_optimizer(cfg, model: nn.Module) -> Tuple[torch.optim.Optimizer, None]
     penalty = find_l2_penalty(model)
     if penalty is not None:
         # the penalty's weight gradient, added in one fused pass once the data gradients are final
-        # instead of by autograd (see regularizers.l2); the claim makes it count once
+        # instead of by autograd (see regularizers.l2_base); the claim makes it count once
         penalty.claim_weight_gradient(optimizer)
         optimizer.before_step = decoupled_decay_step(penalty) if penalty.decoupled \
             else penalty.add_weight_gradients

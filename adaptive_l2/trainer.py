@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,22 +29,22 @@ from fastreid.utils.events import get_event_storage
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from adaptive_l2.adversarial.training import AdversarialTraining
 from adaptive_l2.checkpoint import RandomStreams, SafeCheckpointer
-from adaptive_l2.compat import put_deferred_scalars
+from adaptive_l2.compat import put_deferred_scalars, set_writer_period
 from adaptive_l2.config import check_config
 from adaptive_l2.data.build import build_test_loader, build_train_loader, train_sampler_of
 from adaptive_l2.data.validation import VALIDATION_SET, validation_enabled
 from adaptive_l2.global_batch import convert_to_global_batch_norm, use_per_process_statistics
-from adaptive_l2.hooks import (DivergenceGuard, EvalHistory, L2FactorLogger, ResumableLayerFreeze,
-                               ResumedMetricsLog)
+from adaptive_l2.hooks import DivergenceGuard, EvalHistory, ResumableLayerFreeze, ResumedMetricsLog
 from adaptive_l2.modeling.backbone_options import apply_backbone_options
+from adaptive_l2.modeling.model_state import model_device
 from adaptive_l2.modeling.pretrained import check_pretrain_config
 from adaptive_l2.optim import build_optimizer
+from adaptive_l2.regularizers.build import attach_l2_penalty, build_step_regularizers
+from adaptive_l2.regularizers.l2_base import L2FactorLogger, find_l2_penalty
+from adaptive_l2.regularizers.step import StepRegularizer
 from adaptive_l2.run_files import CONFIG_FILE, RANK_FINGERPRINTS, RESULTS_FILE
-from adaptive_l2.regularizers.l2 import attach_l2_penalty, find_l2_penalty
-from adaptive_l2.sgp import (AdversarialTraining, FeatureGradientPerturbation,
-                             ParameterGradientPerturbation, model_device)
-from adaptive_l2.sgp.perturbation import iteration_seed
 from adaptive_l2.solver import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
@@ -53,46 +53,53 @@ logger = logging.getLogger(__name__)
 class TrainStep(SimpleTrainer):
     """One optimisation step: forward, sum of the loss dict, backward, step; AMP where CUDA is.
 
-    Optional regularizers of the step itself: adversarial training (the loss dict of a clean +
-    adversarial batch), SGP-F (hooks on feature sites, switched on from `sgp_start_iter`) and
-    SGP-P (noise on the synchronized parameter gradients, just before the optimizer step).
+    The step runs an ordered list of step regularizers (`adaptive_l2.regularizers.step`; built
+    from the config by `build_step_regularizers`: adversarial training, then SGP-F or SGP-P):
+    each is told the iteration before the batch is read, the one that replaces the forward
+    computes the loss dict, and each acts on the gradients after the backward, before the
+    optimizer step.
 
     Nothing in a step waits for the device: the losses, fast-reid's accuracy and the SGP
     statistics go to the event storage as tensors and become floats when a writer reads them
-    (`adaptive_l2.compat.patch_deferred_tensor_scalars`), with the same values and iterations
-    fast-reid's per-step `.item()` gave. A non-finite loss is reported then, naming its iteration.
+    (`adaptive_l2.compat.engine.patch_deferred_tensor_scalars`), with the same values and
+    iterations fast-reid's per-step `.item()` gave. A non-finite loss is reported then, naming
+    its iteration.
     """
 
     def __init__(self, model, data_loader, optimizer, amp: bool = False,
-                 adversarial: Optional[AdversarialTraining] = None,
-                 adversarial_generator: Optional[torch.Generator] = None,
-                 feature_noise: Optional[FeatureGradientPerturbation] = None,
-                 parameter_noise: Optional[ParameterGradientPerturbation] = None,
-                 sgp_start_iter: int = 0, adversarial_seed: int = 0):
+                 regularizers: Sequence[StepRegularizer] = ()):
         super().__init__(model, data_loader, optimizer, param_wrapper=None)
         self.amp = amp
         # autocast and the scaler follow the model's device (not a hard-coded "cuda")
         self.device_type = model_device(model).type
         self.grad_scaler = torch.amp.GradScaler(self.device_type) if amp else None
-        self.adversarial = adversarial
-        self.adversarial_generator = adversarial_generator
-        self.feature_noise = feature_noise
-        self.parameter_noise = parameter_noise
-        self.sgp_start_iter = sgp_start_iter
-        self.adversarial_seed = adversarial_seed
+        self.regularizers = list(regularizers)
+        forward = [r for r in self.regularizers if r.replaces_forward]
+        if len(forward) > 1:
+            raise ValueError("more than one step regularizer computes the step's losses: "
+                             f"{[type(r).__name__ for r in forward]}")
+        self._forward = forward[0] if forward else None
+
+    @property
+    def adversarial(self) -> Optional[AdversarialTraining]:
+        """The step's adversarial training (MODEL.REG.AT), None without it."""
+        return getattr(self._forward, "training", None)
 
     def compute_losses(self, data):
-        if self.adversarial is not None:
-            # the attack inside runs in fp32 (see metric_attack); its training forward under AMP
-            return self.adversarial.losses(self.model, data, self.adversarial_generator)
+        if self._forward is not None:
+            return self._forward.losses(self.model, data)
         return self.model(data)
+
+    def unscale_gradients(self) -> None:
+        """Under AMP, divide the gradients by the loss scale now (GradScaler's unscale_, once per
+        step), for a regularizer that needs their true size before the optimizer step."""
+        if self.amp:
+            self.grad_scaler.unscale_(self.optimizer)
 
     def run_step(self):
         assert self.model.training, "[TrainStep] model was changed to eval mode!"
-        sgp_on = self.iter >= self.sgp_start_iter
-        self._key_random_streams(self.iter)
-        if self.feature_noise is not None:
-            self.feature_noise.set_enabled(sgp_on)
+        for regularizer in self.regularizers:
+            regularizer.before_step(self.iter)
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
@@ -105,27 +112,17 @@ class TrainStep(SimpleTrainer):
         else:
             losses.backward()
         self._write_metrics(loss_dict, data_time)
-        if self.parameter_noise is not None and sgp_on:
-            if self.amp:
-                self.grad_scaler.unscale_(self.optimizer)
-            self.parameter_noise.apply(
-                [p for group in self.optimizer.param_groups for p in group["params"]])
-        self._write_sgp_metrics(sgp_on)
+        for regularizer in self.regularizers:
+            regularizer.after_backward(self)
         if self.amp:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
 
-    def _key_random_streams(self, iteration: int) -> None:
-        """SGP's noise and AT's random starts come from streams keyed by the iteration: a run
-        resumed at any iteration draws exactly what the uninterrupted run drew there."""
-        for noise in (self.feature_noise, self.parameter_noise):
-            if noise is not None:
-                noise.start_iteration(iteration)
-        if self.adversarial_generator is not None:
-            self.adversarial_generator.manual_seed(
-                iteration_seed(self.adversarial_seed, iteration))
+    def restart_data_stream(self) -> None:
+        """Read the loader anew from its sampler's current position (after `start_at_batch`)."""
+        self._data_loader_iter = iter(self.data_loader)
 
     def _write_metrics(self, loss_dict: Dict[str, torch.Tensor], data_time: float) -> None:
         """fast-reid's metrics (data_time, total_loss, each loss) without its per-step syncs.
@@ -166,14 +163,6 @@ class TrainStep(SimpleTrainer):
                 storage.put_scalars(**metrics)
 
         put_deferred_scalars(storage, row, write)
-
-    def _write_sgp_metrics(self, sgp_on: bool) -> None:
-        noise = self.feature_noise or self.parameter_noise
-        if noise is None or not sgp_on or not comm.is_main_process():
-            return
-        relative = noise.last_relative_perturbation_tensor  # a float only when logged
-        if relative is not None:
-            get_event_storage().put_scalar("sgp_relative_perturbation", relative)
 
 
 def resolve_amp(cfg):
@@ -345,31 +334,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_step(cls, cfg, model, data_loader, optimizer) -> TrainStep:
-        reg = cfg.MODEL.REG
-        device = torch.device(cfg.MODEL.DEVICE)
-        adversarial = generator = feature_noise = parameter_noise = None
-        # every process seeds SGP-F and AT alike and draws for the global batch (global_rows)
-        share = (comm.get_rank(), comm.get_world_size())
-        if reg.AT.ENABLED:
-            adversarial = AdversarialTraining(eps=reg.AT.EPS, steps=reg.AT.STEPS,
-                                              adv_weight=reg.AT.WEIGHT, process_share=share)
-            generator = torch.Generator(device=device)  # keyed by the iteration in the step
-        if reg.SGP.ENABLED:
-            logger.info("SGP (reconstructed from the abstract): mode %s, alpha %g, noise %s",
-                        reg.SGP.MODE, reg.SGP.ALPHA, reg.SGP.NOISE)
-            if reg.SGP.MODE == "feature":
-                feature_noise = FeatureGradientPerturbation(
-                    model, sites=tuple(reg.SGP.SITES), alpha=reg.SGP.ALPHA, prob=reg.SGP.PROB,
-                    noise=reg.SGP.NOISE, seed=reg.SGP.SEED, rank=share[0], world_size=share[1],
-                    samples_per_process=cfg.SOLVER.IMS_PER_BATCH // share[1])
-            else:
-                parameter_noise = ParameterGradientPerturbation(
-                    alpha=reg.SGP.ALPHA, prob=reg.SGP.PROB, noise=reg.SGP.NOISE, seed=reg.SGP.SEED)
-        return cls.train_step_class(
-            model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED, adversarial=adversarial,
-            adversarial_generator=generator, feature_noise=feature_noise,
-            parameter_noise=parameter_noise, sgp_start_iter=reg.SGP.START_ITER,
-            adversarial_seed=reg.AT.SEED)
+        return cls.train_step_class(model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED,
+                                    regularizers=build_step_regularizers(cfg, model))
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer, iters_per_epoch):
@@ -384,7 +350,7 @@ class Trainer(DefaultTrainer):
         sampler = train_sampler_of(self._trainer.data_loader)
         if start_batch and hasattr(sampler, "start_at_batch"):
             sampler.start_at_batch(start_batch)
-            self._trainer._data_loader_iter = iter(self._trainer.data_loader)
+            self._trainer.restart_data_stream()
             logger.info("Data stream continues at global batch %d", start_batch)
         return checkpoint
 
@@ -433,7 +399,7 @@ class Trainer(DefaultTrainer):
                 hook = ResumableLayerFreeze(self.model, self.optimizer, hook.freeze_layers,
                                             hook.freeze_iters)
             elif isinstance(hook, fastreid_hooks.PeriodicWriter):
-                hook._period = self.cfg.SOLVER.LOG_PERIOD
+                set_writer_period(hook, self.cfg.SOLVER.LOG_PERIOD)
             hooks.append(hook)
         evaluation = next(i for i, h in enumerate(hooks) if isinstance(h, fastreid_hooks.EvalHook))
         hooks.insert(evaluation + 1, EvalHistory(self.cfg.OUTPUT_DIR))

@@ -25,7 +25,7 @@ import torch
 import adaptive_l2  # noqa: F401
 from adaptive_l2.config import load_config
 from adaptive_l2.optim import build_optimizer
-from adaptive_l2.regularizers.l2 import find_l2_penalty, hard_sigmoid_keras
+from adaptive_l2.regularizers import find_l2_penalty, hard_sigmoid_keras
 from adaptive_l2.trainer import Trainer
 
 

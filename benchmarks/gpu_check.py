@@ -205,7 +205,7 @@ def adversarial_vs_clean_loss(trainer) -> tuple:
     the run's own attack; each on a copy, so BN statistics of the model are untouched."""
     from fastreid.utils.events import EventStorage
 
-    from adaptive_l2.sgp import AdversarialTraining
+    from adaptive_l2.adversarial import AdversarialTraining
 
     cfg = trainer.cfg
     model = getattr(trainer.model, "module", trainer.model)
@@ -264,7 +264,7 @@ def check_amp_penalty(args, record: dict) -> None:
     (a naive fp16 sum of squares overflows past 65504)."""
     from fastreid.utils.events import EventStorage
 
-    from adaptive_l2.regularizers.l2 import find_l2_penalty
+    from adaptive_l2.regularizers import find_l2_penalty
     from adaptive_l2.trainer import Trainer
 
     cfg = paper_config(args, "adaptive_l2", ["MODEL.HEADS.NUM_CLASSES", "751"])
@@ -331,7 +331,7 @@ def check_ddp(args, record: dict) -> None:
     from fastreid.utils.events import EventStorage
     from torch.nn.parallel import DistributedDataParallel
 
-    from adaptive_l2.distributed import create_local_group
+    from adaptive_l2.compat import create_local_group
     from adaptive_l2.trainer import Trainer, resolve_amp
 
     cuda = args.device.startswith("cuda")

@@ -8,7 +8,7 @@ import pytest
 from conftest import SYNTHETIC_BASE
 
 from adaptive_l2.config import l2_term, load_config, shipped_configs_dir
-from adaptive_l2.regularizers.l2 import AdaptiveL2Penalty, ConventionalL2Penalty
+from adaptive_l2.regularizers import AdaptiveL2Penalty, ConventionalL2Penalty
 from adaptive_l2.trainer import Trainer
 
 SMALL = ["MODEL.HEADS.NUM_CLASSES", "4", "MODEL.BACKBONE.DEPTH", "18x"]

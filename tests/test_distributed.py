@@ -168,7 +168,7 @@ def _trainer_worker(rank, world, port, dataset_root, out, perturbed=False):
     differently). `perturbed`: with SGP-F on the backbone and adversarial training (FGSM)."""
     from fastreid.utils.events import EventStorage
 
-    from adaptive_l2.distributed import create_local_group
+    from adaptive_l2.compat import create_local_group
     from adaptive_l2.trainer import Trainer, wrap_distributed
     from conftest import tiny_cfg
 
@@ -190,7 +190,8 @@ def _trainer_worker(rank, world, port, dataset_root, out, perturbed=False):
     mine = slice(rank * 16 // world, (rank + 1) * 16 // world)
     losses = []
     if perturbed:
-        from adaptive_l2.sgp import AdversarialTraining, FeatureGradientPerturbation
+        from adaptive_l2.adversarial import AdversarialTraining
+        from adaptive_l2.regularizers.sgp import FeatureGradientPerturbation
 
         noise = FeatureGradientPerturbation(model, alpha=0.5, seed=3, rank=rank, world_size=world,
                                             samples_per_process=16 // world)

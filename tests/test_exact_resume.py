@@ -10,7 +10,7 @@ import time
 import torch
 from conftest import REPO, SYNTHETIC_BASE, TRAIN_NET, run_train_net, tiny_opts
 
-from adaptive_l2.sgp.perturbation import iteration_seed
+from adaptive_l2.regularizers.step import iteration_seed
 
 # adaptive L2 + SGP-F and AT (their own random streams) + augmentation (flip, pad + crop,
 # erasing) on; 4 epochs x 3 iterations, a checkpoint every epoch
@@ -65,7 +65,7 @@ def test_killed_and_resumed_runs_end_bit_identical_to_the_uninterrupted_run(data
 
 
 def test_random_streams_of_sgp_and_at_are_keyed_by_the_iteration():
-    from adaptive_l2.sgp import ParameterGradientPerturbation
+    from adaptive_l2.regularizers.sgp import ParameterGradientPerturbation
 
     noise = ParameterGradientPerturbation(alpha=0.5, prob=1.0, noise="gaussian", seed=3)
     draws = {}

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from adaptive_l2.global_batch import check_process_share, draw_for_share
-from adaptive_l2.sgp.adversarial import AdversarialTraining, metric_attack
-from adaptive_l2.sgp.perturbation import FeatureGradientPerturbation
-from test_sgp import small_batch, small_model
+from adaptive_l2.adversarial import AdversarialTraining, metric_attack
+from adaptive_l2.regularizers.sgp import FeatureGradientPerturbation
+from small_models import small_batch, small_model
 
 
 def _site_gradient_of_first_layer(rows, share, seed=5):
@@ -86,7 +86,7 @@ def test_derived_seeds_keep_the_streams_of_their_callers():
 
     from adaptive_l2.data.samplers import sample_seed
     from adaptive_l2.seeds import derived_seed
-    from adaptive_l2.sgp.perturbation import iteration_seed
+    from adaptive_l2.regularizers.step import iteration_seed
 
     expected_sample = int(np.random.SeedSequence([7, 3, 2]).generate_state(1, np.uint32)[0])
     expected_iteration = int(np.random.SeedSequence([7, 9]).generate_state(2, np.uint64)[0] >> 1)

@@ -17,7 +17,7 @@ from fastreid.utils.logger import setup_logger
 from adaptive_l2.checkpoint import load_for_evaluation
 from adaptive_l2.config import load_config
 from adaptive_l2.run_files import ROBUSTNESS_FILE
-from adaptive_l2.sgp.robustness import (STANDARD_ATTACKS, AttackSpec, evaluate_robustness,
+from adaptive_l2.evaluation.robustness import (STANDARD_ATTACKS, AttackSpec, evaluate_robustness,
                                         format_robustness_table)
 from adaptive_l2.trainer import Trainer
 

@@ -15,13 +15,12 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from fastreid.data.build import (_train_loader_from_config, build_reid_test_loader,
-                                 build_reid_train_loader)
+from fastreid.data.build import build_reid_test_loader, build_reid_train_loader
 from fastreid.data.common import CommDataset
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.utils import comm
 
-from adaptive_l2.compat import batches_on
+from adaptive_l2.compat import batches_on, host_train_sampler
 from adaptive_l2.data.samplers import (ChunkedIdentitySampler, PositionSeededSampler,
                                        StrictIdentitySampler)
 from adaptive_l2.data.transforms import build_transforms
@@ -126,8 +125,7 @@ def build_train_sampler(cfg, train_set: CommDataset):
             "share, so the run is not the same experiment as one process with the same global "
             "batch. Use StrictIdentitySampler for that.", name, comm.get_world_size())
     per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-    host_sampler = _train_loader_from_config(cfg, train_set=train_set,
-                                             transforms=train_set.transform)["sampler"]
+    host_sampler = host_train_sampler(cfg, train_set)
     return PositionSeededSampler(host_sampler, per_process, seed, comm.get_rank())
 # fast-reid's samplers that build every batch from P identities x K (DATALOADER.NUM_INSTANCE)
 # images: they loop for ever, at 100 % CPU and without a word, when a batch cannot be formed.

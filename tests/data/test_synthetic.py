@@ -197,7 +197,7 @@ def test_matching_marker_is_reused_and_other_settings_regenerate(
 
 def test_failed_generation_leaves_nothing_and_a_retry_completes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    render = synthetic._render_person_image
+    render = synthetic.layout.render_person_image  # what writes every image
     calls = []
 
     def failing(*args, **kwargs):
@@ -206,7 +206,7 @@ def test_failed_generation_leaves_nothing_and_a_retry_completes(
             raise KeyboardInterrupt("simulated interruption")
         return render(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "_render_person_image", failing)
+    monkeypatch.setattr(synthetic.layout, "render_person_image", failing)
     folder = tmp_path / "SyntheticReID"
     with pytest.raises(KeyboardInterrupt):
         generate_synthetic_market(str(folder), **SMALL)

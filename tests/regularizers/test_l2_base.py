@@ -5,13 +5,14 @@ import copy
 import pytest
 import torch
 from conftest import tiny_cfg
-from test_adaptive_l2 import Owner, Small
+from test_adaptive import Owner, Small
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from adaptive_l2.config import load_config
 from adaptive_l2.optim import build_optimizer
-from adaptive_l2.regularizers.l2 import attach_l2_penalty, hard_sigmoid_keras
+from adaptive_l2.regularizers import hard_sigmoid_keras
+from adaptive_l2.regularizers.build import attach_l2_penalty
 from adaptive_l2.trainer import Trainer
 
 THETAS = (0.0, -1.0, 1.5, -3.0, 3.0)  # linear range, and saturated at factor 0 and factor 1

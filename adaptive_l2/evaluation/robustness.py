@@ -1,9 +1,9 @@
 """Adversarial-robustness evaluation of re-ID models, for SGP (reconstructed from the abstract).
 
 SGP's abstract claims gains in "generalization and adversarial robustness" but publishes no
-protocol, so this one is the project's own (``shared/reference/sgp.md``): untargeted metric attacks
-(:func:`adaptive_l2.sgp.adversarial.metric_attack`, cosine distance to the clean embedding) on the
-QUERY images only, the gallery clean; L-infinity budgets 2, 4, 8 on the 0-255 scale; FGSM and
+protocol, so this one is the project's own (``shared/reference/sgp.md``): untargeted metric
+attacks (:func:`adaptive_l2.adversarial.attacks.metric_attack`, cosine distance to the clean
+embedding) on the QUERY images only, the gallery clean; L-infinity budgets 2, 4, 8 on the 0-255 scale; FGSM and
 PGD-10 (step eps/4, random start). Rank-1 and mAP come from fast-reid's own ``build_dist`` (cosine)
 and ``evaluate_rank``, so the clean row equals fast-reid's evaluation of the same features.
 """
@@ -19,14 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adaptive_l2.sgp.adversarial import (
-    model_device,
-    _restore_modes,
-    _save_modes,
-    embed,
-    metric_attack,
-)
-from adaptive_l2.sgp.perturbation import _unwrap
+from adaptive_l2.adversarial.attacks import attack_with, embed
+from adaptive_l2.modeling.model_state import model_device, restore_modes, save_modes, unwrap_model
 
 __all__ = [
     "STANDARD_ATTACKS",
@@ -98,16 +92,7 @@ class AttackSpec:
         """The attacked images (the images themselves for "clean")."""
         if self.kind == "clean":
             return images
-        return metric_attack(
-            model,
-            images,
-            eps=self.eps,
-            steps=self.steps,
-            step_size=self.step_size,
-            random_start=True,
-            generator=generator,
-            start_radius=self.start_radius,
-        )
+        return attack_with(self, model, images, generator)
 
 
 STANDARD_ATTACKS: Tuple[AttackSpec, ...] = (
@@ -194,7 +179,7 @@ def evaluate_robustness(
     if duplicates:
         raise ValueError(f"attacks has duplicate entries: {duplicates}")
 
-    module = _unwrap(model)
+    module = unwrap_model(model)
     device = model_device(module)
     generators: Dict[str, torch.Generator] = {}
     for spec in attacks:
@@ -207,7 +192,7 @@ def evaluate_robustness(
     camids: List[np.ndarray] = []
     seen = 0
     start_time = time.perf_counter()
-    modes = _save_modes(module)
+    modes = save_modes(module)
     module.eval()
     try:
         for batch in data_loader:
@@ -226,7 +211,7 @@ def evaluate_robustness(
                         query_features[spec.label].append(embed(module, attacked).float().cpu())
             seen += size
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
 
     if seen <= num_query:
         raise ValueError(

@@ -13,7 +13,10 @@ project's reconstruction (see ``shared/reference/sgp.md``):
   tensor's ``.grad`` after the gradients are synchronized across processes.
 
 Both draw from their own ``torch.Generator``, never from the global RNG, so switching SGP on does
-not change the data order or the initialisation of a run.
+not change the data order or the initialisation of a run. In the trainer each runs as a step
+regularizer (:class:`FeatureNoiseStep`, :class:`ParameterNoiseStep`): on from
+``MODEL.REG.SGP.START_ITER``, its noise keyed by the iteration, its relative size logged as
+``sgp_relative_perturbation``.
 """
 from __future__ import annotations
 
@@ -21,15 +24,20 @@ import math
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from fastreid.utils import comm
+from fastreid.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from adaptive_l2.global_batch import check_process_share, draw_for_share
-from adaptive_l2.seeds import derived_seed
+from adaptive_l2.modeling.model_state import unwrap_model
+from adaptive_l2.regularizers.step import StepRegularizer, iteration_seed
 
 __all__ = [
     "NOISE_KINDS",
     "FeatureGradientPerturbation",
+    "FeatureNoiseStep",
     "ParameterGradientPerturbation",
+    "ParameterNoiseStep",
     "perturb_gradient",
 ]
 
@@ -123,12 +131,6 @@ def perturb_gradient(
     return grad + delta.to(grad.dtype)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The wrapped module of DistributedDataParallel / DataParallel, else ``model``."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
-
 def _flat_tensors(output: object) -> List[Tensor]:
     """Tensors of a module output (a tensor, or tensors inside a tuple / list / dict)."""
     if isinstance(output, Tensor):
@@ -138,12 +140,6 @@ def _flat_tensors(output: object) -> List[Tensor]:
     if isinstance(output, (tuple, list)):
         return [t for v in output for t in _flat_tensors(v)]
     return []
-
-
-def iteration_seed(seed: int, iteration: int) -> int:
-    """The seed of a random stream at one training iteration: a stream keyed by the iteration
-    needs no saved state, so a resumed run draws what the uninterrupted one drew."""
-    return derived_seed([seed, iteration], bits=63)
 
 
 class _GeneratorPool:
@@ -185,7 +181,31 @@ class _GeneratorPool:
         self._pending_states = dict(state["generator_states"])
 
 
-class FeatureGradientPerturbation:
+class _NoiseSource:
+    """What SGP-F and SGP-P share: an on/off switch, and their generators (``_generators``, a
+    :class:`_GeneratorPool`) keyed by (seed, iteration)."""
+
+    enabled: bool
+    _generators: _GeneratorPool
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the perturbation on or off (e.g. off during a warm-up)."""
+        self.enabled = bool(enabled)
+
+    def start_iteration(self, iteration: int) -> None:
+        """Draw this iteration's noise from a stream keyed by (seed, iteration)."""
+        self._generators.start_iteration(iteration)
+
+    def state_dict(self) -> Dict[str, object]:
+        """The generators' state, to resume a run with the same noise stream."""
+        return self._generators.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore the generators' state saved by :meth:`state_dict`."""
+        self._generators.load_state_dict(state)
+
+
+class FeatureGradientPerturbation(_NoiseSource):
     """SGP-F, SGP (reconstructed from the abstract): perturb the gradient at feature sites.
 
     A forward hook on each site module registers, on every output tensor that requires grad, a
@@ -246,7 +266,7 @@ class FeatureGradientPerturbation:
         self._last_key: Optional[str] = None
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
 
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         modules = dict(inner.named_modules())
         for site in self.sites:
             if site not in modules or site == "":
@@ -257,10 +277,6 @@ class FeatureGradientPerturbation:
                 )
         for site in self.sites:
             self._handles.append(modules[site].register_forward_hook(self._forward_hook_for(site)))
-
-    def set_enabled(self, enabled: bool) -> None:
-        """Switch the perturbation on or off (e.g. off during a warm-up)."""
-        self.enabled = bool(enabled)
 
     def remove(self) -> None:
         """Detach the forward hooks; the model behaves as if SGP had never been installed."""
@@ -290,18 +306,6 @@ class FeatureGradientPerturbation:
         """The last relative perturbation per site output (``site`` or ``site[i]`` for tuples)."""
         return {key: float(value) for key, value in self._relative.items()}
 
-    def start_iteration(self, iteration: int) -> None:
-        """Draw this iteration's noise from a stream keyed by (seed, iteration)."""
-        self._generators.start_iteration(iteration)
-
-    def state_dict(self) -> Dict[str, object]:
-        """The generators' state, to resume a run with the same noise stream."""
-        return self._generators.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Restore the generators' state saved by :meth:`state_dict`."""
-        self._generators.load_state_dict(state)
-
     def _forward_hook_for(self, site: str) -> Callable[[nn.Module, object, object], None]:
         def forward_hook(module: nn.Module, inputs: object, output: object) -> None:
             if not (self.enabled and module.training and torch.is_grad_enabled()):
@@ -327,7 +331,7 @@ class FeatureGradientPerturbation:
         return gradient_hook
 
 
-class ParameterGradientPerturbation:
+class ParameterGradientPerturbation(_NoiseSource):
     """SGP-P, SGP (reconstructed from the abstract), an ablation: perturb parameter gradients.
 
     :meth:`apply` adds ``alpha * ||g|| / sqrt(n) * xi`` to each parameter tensor's ``.grad`` in
@@ -356,10 +360,6 @@ class ParameterGradientPerturbation:
         self._generators = _GeneratorPool(int(seed))
         self._relative: Optional[Tensor] = None
         self._layouts: Dict[Tuple[Tuple[int, ...], str], Tuple[Tensor, Tensor]] = {}
-
-    def set_enabled(self, enabled: bool) -> None:
-        """Switch the perturbation on or off (e.g. off during a warm-up)."""
-        self.enabled = bool(enabled)
 
     @torch.no_grad()
     def apply(self, params: Iterable[nn.Parameter]) -> None:
@@ -439,14 +439,52 @@ class ParameterGradientPerturbation:
         """The same as a 0-d tensor on the device, for logging without waiting for it."""
         return self._relative
 
-    def start_iteration(self, iteration: int) -> None:
-        """Draw this iteration's noise from a stream keyed by (seed, iteration)."""
-        self._generators.start_iteration(iteration)
 
-    def state_dict(self) -> Dict[str, object]:
-        """The generators' state, to resume a run with the same noise stream."""
-        return self._generators.state_dict()
+class _NoiseStep(StepRegularizer):
+    """SGP in the training step: active from `start_iter`, its streams keyed by the iteration, and
+    the relative size of its last perturbation logged (as a tensor: no wait for the device)."""
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Restore the generators' state saved by :meth:`state_dict`."""
-        self._generators.load_state_dict(state)
+    def __init__(self, perturbation, start_iter: int) -> None:
+        self.perturbation = perturbation
+        self.start_iter = int(start_iter)
+        self.active = False
+
+    def before_step(self, iteration: int) -> None:
+        self.active = iteration >= self.start_iter
+        self.perturbation.start_iteration(iteration)
+
+    def write_metrics(self) -> None:
+        if not self.active or not comm.is_main_process():
+            return
+        relative = self.perturbation.last_relative_perturbation_tensor  # a float only when logged
+        if relative is not None:
+            get_event_storage().put_scalar("sgp_relative_perturbation", relative)
+
+
+class FeatureNoiseStep(_NoiseStep):
+    """SGP-F in the training step: the feature-site hooks switched on from `start_iter`."""
+
+    def __init__(self, perturbation: FeatureGradientPerturbation, start_iter: int = 0) -> None:
+        super().__init__(perturbation, start_iter)
+
+    def before_step(self, iteration: int) -> None:
+        super().before_step(iteration)
+        self.perturbation.set_enabled(self.active)
+
+    def after_backward(self, step) -> None:
+        self.write_metrics()
+
+
+class ParameterNoiseStep(_NoiseStep):
+    """SGP-P in the training step: the synchronized, unscaled parameter gradients perturbed just
+    before the optimizer step, from `start_iter` on."""
+
+    def __init__(self, perturbation: ParameterGradientPerturbation, start_iter: int = 0) -> None:
+        super().__init__(perturbation, start_iter)
+
+    def after_backward(self, step) -> None:
+        if self.active:
+            step.unscale_gradients()
+            self.perturbation.apply(
+                [p for group in step.optimizer.param_groups for p in group["params"]])
+        self.write_metrics()

@@ -8,8 +8,9 @@ from torch import nn
 
 from adaptive_l2.config import load_config
 from adaptive_l2.optim import build_optimizer
-from adaptive_l2.regularizers.l2 import (AdaptiveL2Penalty, ConventionalL2Penalty,
-                                         hard_sigmoid_keras, regularized_tensors, squared_norms)
+from adaptive_l2.regularizers.adaptive import AdaptiveL2Penalty, hard_sigmoid_keras
+from adaptive_l2.regularizers.conventional import ConventionalL2Penalty
+from adaptive_l2.regularizers.l2_base import regularized_tensors, squared_norms
 from adaptive_l2.trainer import Trainer
 
 A = 0.005
@@ -266,7 +267,7 @@ def test_checkpoint_restores_thetas_and_optimizer_state(dataset_root, tmp_path):
 def test_amplitude_per_kind_overrides_the_default(dataset_root, tmp_path):
     cfg = load_config("", ["MODEL.REG.NAME", "adaptive", "MODEL.DEVICE", "cpu",
                            "MODEL.REG.AMPLITUDE_PER_KIND.NORM_WEIGHT", "0.001"])
-    from adaptive_l2.regularizers.l2 import amplitudes_from_config
+    from adaptive_l2.regularizers.adaptive import amplitudes_from_config
 
     assert amplitudes_from_config(cfg.MODEL.REG) == {
         "kernel": 0.005, "bias": 0.005, "norm_weight": 0.001, "norm_bias": 0.005}

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from adaptive_l2.regularizers import l2 as l2_module
-from adaptive_l2.regularizers.l2 import add_scaled
+from adaptive_l2.regularizers import l2_base as l2_module
+from adaptive_l2.regularizers.l2_base import add_scaled
 
 
 def _tensors(device="cpu", seed=0):
@@ -105,7 +105,8 @@ def test_flat_route_op_count_does_not_grow_with_tensor_count():
 
 def test_penalty_weight_gradient_pass_same_on_both_routes(monkeypatch):
     """The adaptive penalty's add_weight_gradients gives the same gradients whichever route."""
-    from adaptive_l2.regularizers.l2 import AdaptiveL2Penalty, regularized_tensors
+    from adaptive_l2.regularizers.adaptive import AdaptiveL2Penalty
+    from adaptive_l2.regularizers.l2_base import regularized_tensors
 
     def build():
         torch.manual_seed(0)

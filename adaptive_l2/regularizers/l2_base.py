@@ -1,4 +1,8 @@
-"""L2 penalties over every trainable tensor of a model: adaptive (Ni et al. 2020) and constant.
+"""What every L2 penalty over all trainable tensors of a model shares: the tensors it covers, their
+squared norms, the weight gradient (through autograd or claimed by an optimizer), the decoupled
+decay, the model attribute it lives in and the hook that logs its factors. The terms themselves
+are `adaptive_l2.regularizers.adaptive` (the paper's) and `adaptive_l2.regularizers.conventional`;
+`adaptive_l2.regularizers.build.attach_l2_penalty` attaches the one the config names.
 
 Both are modules attached to the fast-reid model they regularize (`attach_l2_penalty`), so their
 parameters (the adaptive thetas) live in the model: the optimizer, DDP, GradScaler, checkpoints and
@@ -25,30 +29,26 @@ W_n *= 1 - lr * 2 * lambda_n before its update (as AdamW applies weight decay).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from fastreid.engine.train_loop import HookBase
+from fastreid.utils import comm
 from torch import nn
 
-from adaptive_l2.config import l2_term
+from adaptive_l2.hooks import keep_records_until, read_json_lines
+from adaptive_l2.run_files import FACTORS_FILE
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("kernel", "bias", "norm_weight", "norm_bias")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-
-# Hard-sigmoid of old Keras (slope 0.2, saturating at theta = -2.5 and 2.5). Not torch's
-# `hardsigmoid`, whose slope is 1/6.
-HARD_SIGMOID_SLOPE = 0.2
-THETA_DEAD = -2.5  # at or below this theta the factor is 0 and its gradient 0: it never moves again
-
-
-def hard_sigmoid_keras(theta: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(HARD_SIGMOID_SLOPE * theta + 0.5, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -257,6 +257,20 @@ class L2PenaltyBase(nn.Module):
         """lambda_n of every tensor (fp32, on the device, detached)."""
         raise NotImplementedError
 
+    def theta_parameters(self) -> List[nn.Parameter]:
+        """The trainable parameters behind the factors, in the order of `entries` (none: the
+        factors are constants)."""
+        return []
+
+    def logged_thetas(self) -> Optional[torch.Tensor]:
+        """The trainable parameters behind the factors, on the CPU, for the factor log (None: the
+        factors are constants)."""
+        return None
+
+    def dead_factors_warning(self, thetas: torch.Tensor) -> Optional[str]:
+        """A warning for the log when factors can never move again (None: nothing to say)."""
+        return None
+
     def _grouped_gradients(self) -> Dict[torch.dtype, Tuple[List[int], List[torch.Tensor],
                                                              List[torch.Tensor]]]:
         """(indices, grads, weights) of the trainable tensors, per dtype. A tensor the data loss
@@ -311,108 +325,129 @@ class L2PenaltyBase(nn.Module):
                 add_scaled(members, members, (-lr * doubled).to(dtype), indices, self._layouts)
 
 
-class AdaptiveL2Penalty(L2PenaltyBase):
-    """sum_n A_n * hard_sigmoid(theta_n) * ||W_n||^2 with one trainable theta_n (init 0) per tensor."""
-
-    loss_name = "loss_adaptive_l2"
-
-    def __init__(self, targets, amplitudes: Dict[str, float]):
-        super().__init__(targets)
-        missing = set(KINDS) - set(amplitudes)
-        if missing:
-            raise ValueError(f"amplitudes lack the kinds {sorted(missing)}")
-        device = self.device
-        self.thetas = nn.ParameterList(
-            [nn.Parameter(torch.zeros((), device=device)) for _ in self.entries])
-        self._theta_list = list(self.thetas)  # iterating a ParameterList costs ~2 us a theta
-        self.register_buffer(
-            "amplitudes",
-            torch.tensor([float(amplitudes[e.kind]) for e in self.entries], device=device),
-            persistent=False)
-
-    def theta_vector(self) -> torch.Tensor:
-        return torch.stack(self._theta_list).float()
-
-    def factors(self) -> torch.Tensor:
-        """lambda_n = A_n * hard_sigmoid(theta_n), detached, fp32."""
-        with torch.no_grad():
-            return self.amplitudes * hard_sigmoid_keras(self.theta_vector())
-
-    def penalty(self) -> torch.Tensor:
-        weighted = self.amplitudes * hard_sigmoid_keras(self.theta_vector())
-        return torch.dot(weighted, self.squared_norms())
-
-
-class ConventionalL2Penalty(L2PenaltyBase):
-    """factor * sum_n ||W_n||^2: the paper's "Conventional L2" row (Keras l2(0.005))."""
-
-    loss_name = "loss_l2"
-
-    def __init__(self, targets, factor: float):
-        super().__init__(targets)
-        self.factor = float(factor)
-        self.register_buffer(
-            "factor_vector", torch.full((len(self.entries),), self.factor, device=self.device),
-            persistent=False)
-
-    def factors(self) -> torch.Tensor:
-        return self.factor_vector
-
-    def penalty(self) -> torch.Tensor:
-        return self.factor * self.squared_norms().sum()
-
-    @torch.no_grad()
-    def add_weight_gradients(self, owner: object) -> None:
-        """One factor for all: a Python scalar, so CUDA runs torch's fused multi-tensor kernel."""
-        self._check_owner(owner)
-        for _, grads, weights in self._grouped_gradients().values():
-            torch._foreach_add_(grads, weights, alpha=2.0 * self.factor)
-
-
 PENALTY_ATTRIBUTE = "l2_penalty"
-
-
-def _add_penalty_to_losses(module: nn.Module, inputs, output):
-    if not module.training or not isinstance(output, dict):
-        return output
-    penalty_module = getattr(module, PENALTY_ATTRIBUTE)
-    losses = dict(output)
-    losses[penalty_module.loss_name] = penalty_module.penalty()
-    return losses
-
-
-def amplitudes_from_config(reg_cfg) -> Dict[str, float]:
-    per_kind = reg_cfg.AMPLITUDE_PER_KIND
-    chosen = {
-        "kernel": per_kind.KERNEL, "bias": per_kind.BIAS,
-        "norm_weight": per_kind.NORM_WEIGHT, "norm_bias": per_kind.NORM_BIAS,
-    }
-    return {kind: (value if value >= 0 else reg_cfg.AMPLITUDE) for kind, value in chosen.items()}
-
-
-def attach_l2_penalty(model: nn.Module, cfg) -> Optional[L2PenaltyBase]:
-    """Attach the penalty the config asks for to `model` (as `model.l2_penalty`); None if off.
-
-    The model's training forward then returns its loss dict plus the penalty's entry.
-    """
-    reg = cfg.MODEL.REG
-    term, _ = l2_term(cfg)
-    if term == "none":
-        return None
-    if hasattr(model, PENALTY_ATTRIBUTE):
-        raise ValueError("the model already carries an L2 penalty")
-    targets = regularized_tensors(model)
-    if term == "adaptive":
-        penalty = AdaptiveL2Penalty(targets, amplitudes_from_config(reg))
-    else:
-        penalty = ConventionalL2Penalty(targets, reg.CONVENTIONAL.FACTOR)
-    penalty.decoupled = bool(reg.DECOUPLED)
-    model.add_module(PENALTY_ATTRIBUTE, penalty)
-    model.register_forward_hook(_add_penalty_to_losses)
-    logger.info("%s on %d tensors", type(penalty).__name__, len(penalty.entries))
-    return penalty
 
 
 def find_l2_penalty(model: nn.Module) -> Optional[L2PenaltyBase]:
     model = getattr(model, "module", model)  # through DDP
     return getattr(model, PENALTY_ATTRIBUTE, None)
+
+
+class L2FactorLogger(HookBase):
+    """Every `period` epochs: factor statistics to the event storage (console, metrics.json,
+    tensorboard), every factor lambda_n to OUTPUT_DIR/l2_factors.jsonl with the thetas behind
+    them when the penalty has some (`logged_thetas`), and a histogram of the factors and thetas
+    of each kind of tensor to tensorboard (an events file of its own in OUTPUT_DIR: fast-reid's
+    writer sends scalars only).
+
+    With thetas, each record also holds every theta's summed learning rate so far
+    ("theta_lr_sum": the steps its group took, none while it was frozen), from which the plot
+    draws the prediction theta_0 - sum(lr) (under Adam a theta falls by about its learning rate
+    each step); the thetas' current learning rate goes to the event storage as l2_theta_lr.
+    Both are read from the optimizer's groups on the host: no device sync."""
+
+    def __init__(self, penalty: L2PenaltyBase, period_epochs: int, output_dir: str):
+        self.penalty = penalty
+        self.period = max(1, int(period_epochs))
+        self.path = os.path.join(output_dir, FACTORS_FILE) if output_dir else ""
+        self.output_dir = output_dir
+        self._warned_dead = False
+        self._tensorboard = None
+        self._theta_lr_sum: List[float] = []
+        self._theta_groups: List[tuple] = []  # (param group, indices of its thetas)
+        self._step_lr: Optional[float] = None
+
+    def before_train(self):
+        keep_records_until(self.path, self.trainer.iter)
+        if self.penalty.theta_parameters():
+            self._prepare_theta_lr_sums()
+        if self.trainer.iter == 0:
+            self._record(epoch=-1)
+
+    def _prepare_theta_lr_sums(self) -> None:
+        thetas = self.penalty.theta_parameters()
+        index = {id(theta): i for i, theta in enumerate(thetas)}
+        groups = [(group, [index[id(p)] for p in group["params"] if id(p) in index])
+                  for group in self.trainer.optimizer.param_groups]
+        self._theta_groups = [(group, ids) for group, ids in groups if ids]
+        self._theta_lr_sum = [0.0] * len(thetas)
+        start = self.trainer.iter
+        if start > 0 and self.path and os.path.isfile(self.path):  # resumed: continue the sums
+            records = read_json_lines(self.path)
+            last = records[-1] if records else {}
+            if last.get("theta_lr_sum") and len(last["theta_lr_sum"]) == len(self._theta_lr_sum):
+                self._theta_lr_sum = list(last["theta_lr_sum"])
+                if last["iteration"] != start:  # a record's iteration = the steps taken
+                    logger.warning("%s: theta_lr_sum misses iterations %d-%d (after its last "
+                                   "record, before the resumed checkpoint)", self.path,
+                                   last["iteration"], start - 1)
+
+    def before_step(self):
+        """Add this step's learning rate to the sum of every theta its group will move (after the
+        scheduler and the freeze switch have set the step's lr and frozen groups)."""
+        from adaptive_l2.optim import FREEZE  # the optimizer module imports this one
+
+        frozen = getattr(self.trainer.optimizer, "freeze_active", False)
+        self._step_lr = None
+        for group, indices in self._theta_groups:
+            if frozen and group.get("freeze_status") == FREEZE:
+                continue
+            lr = float(group["lr"])
+            for i in indices:
+                self._theta_lr_sum[i] += lr
+            self._step_lr = lr
+
+    def after_step(self):
+        if self._step_lr is not None:
+            self.trainer.storage.put_scalar("l2_theta_lr", self._step_lr, smoothing_hint=False)
+
+    def after_epoch(self):
+        epoch = self.trainer.epoch
+        if (epoch + 1) % self.period == 0 or epoch + 1 >= self.trainer.max_epoch:
+            self._record(epoch)
+
+    def after_train(self):
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+    def _record(self, epoch: int) -> None:
+        factors = self.penalty.factors().float().cpu()
+        thetas = self.penalty.logged_thetas()
+        storage = self.trainer.storage
+        storage.put_scalars(
+            l2_factor_min=float(factors.min()), l2_factor_median=float(factors.median()),
+            l2_factor_max=float(factors.max()), l2_factors_zero=float((factors == 0).sum()),
+            smoothing_hint=False)
+        warning = None if thetas is None else self.penalty.dead_factors_warning(thetas)
+        if warning and not self._warned_dead:
+            logger.warning(warning)
+            self._warned_dead = True
+        if self.path and comm.is_main_process():
+            record = {
+                "iteration": int(self.trainer.iter), "epoch": epoch,
+                "penalty": type(self.penalty).__name__,
+                "names": self.penalty.names, "kinds": [e.kind for e in self.penalty.entries],
+                "factors": factors.tolist(),
+                "thetas": None if thetas is None else thetas.tolist(),
+                "theta_lr_sum": list(self._theta_lr_sum) if thetas is not None else None,
+            }
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if self.output_dir and comm.is_main_process():
+            self._write_histograms(factors, thetas)
+
+    def _write_histograms(self, factors: torch.Tensor, thetas: Optional[torch.Tensor]) -> None:
+        """One histogram per kind of tensor (factors, and thetas where the penalty has some)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self._tensorboard is None:
+            self._tensorboard = SummaryWriter(self.output_dir, filename_suffix=".l2_factors")
+        kinds = [e.kind for e in self.penalty.entries]
+        step = int(self.trainer.iter)
+        for kind in dict.fromkeys(kinds):
+            chosen = torch.tensor([k == kind for k in kinds])
+            self._tensorboard.add_histogram(f"l2_factors/{kind}", factors[chosen], step)
+            if thetas is not None:
+                self._tensorboard.add_histogram(f"l2_thetas/{kind}", thetas[chosen], step)
+        self._tensorboard.flush()
