@@ -5,7 +5,7 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 from adaptive_l2.hooks import read_json_lines
-from adaptive_l2.regularizers.l2 import THETA_DEAD
+from adaptive_l2.regularizers.adaptive import THETA_DEAD
 from adaptive_l2.run_files import (CONFIG_FILE, FACTOR_DYNAMICS, FACTOR_HISTOGRAM,
                                    FACTOR_TRAJECTORIES, FACTORS_FILE)
 
