@@ -126,7 +126,7 @@ class TableJob(submitit.helpers.Checkpointable):
 
     def __call__(self, rows: Sequence, output_root: str, opts: Sequence[str], num_gpus: int,
                  workdir: str) -> List[str]:
-        from adaptive_l2.reproduce import run_suite
+        from adaptive_l2.table.report import run_suite
 
         os.chdir(workdir)  # the rows' folders and commands are relative to where the tool ran
         return run_suite(rows, output_root, opts, num_gpus, "launch", progress=lambda line: None)
@@ -135,7 +135,7 @@ class TableJob(submitit.helpers.Checkpointable):
 def submit_table(rows: Sequence, output_root: str, opts: Sequence[str], num_gpus: int,
                  executor, log=print) -> List:
     """One job per group of `table_job_groups` with rows still to run; returns the jobs."""
-    from adaptive_l2.reproduce import output_dir, row_status
+    from adaptive_l2.table.report import output_dir, row_status
 
     jobs = []
     for group in table_job_groups(rows):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from adaptive_l2 import reproduce
+from adaptive_l2.table import report as reproduce
 from adaptive_l2.config import load_config
-from adaptive_l2.reproduce import (gpu_slots, median_step_seconds, run_suite, select_rows,
+from adaptive_l2.table.report import (gpu_slots, median_step_seconds, run_suite, select_rows,
                                    suite_rows)
 from adaptive_l2.trainer import Trainer
 

@@ -26,7 +26,7 @@ import sys
 from typing import List, Optional
 
 from adaptive_l2.cluster import add_cluster_arguments, executor_from_args, submit_table, wait_for
-from adaptive_l2.reproduce import (MEASURED_STEPS, REFERENCE_ROWS, SUITES, WARMUP_STEPS,
+from adaptive_l2.table.report import (MEASURED_STEPS, REFERENCE_ROWS, SUITES, WARMUP_STEPS,
                                    collect_and_write, collect_seeds_and_write, dry_run, gpu_slots,
                                    output_dir, parse_seeds, row_status, run_suite, seeded_rows,
                                    select_rows, suite_rows, train_command)

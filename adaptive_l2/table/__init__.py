@@ -1,0 +1,1 @@
+"""The table tool (being split into suite, runner, cost and report)."""
