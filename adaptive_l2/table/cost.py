@@ -72,6 +72,7 @@ def fixed_batch_train_step(cfg, batch_size: int):
 
 
 def device_synchronizer(device: str) -> Callable[[], None]:
+    """What waits for queued work on `device` (nothing on a CPU), so a timed step is complete."""
     import torch
 
     if str(device).startswith("cuda"):
@@ -126,6 +127,9 @@ def measure_seconds_per_iteration(row: Row, opts: Sequence[str], device: str,
 def dry_run(rows: Sequence[Row], output_root: str, opts: Sequence[str], num_gpus: int,
             launcher: str, device: str, measure: bool = True, gpus: str = "",
             warmup: int = WARMUP_STEPS, steps: int = MEASURED_STEPS) -> str:
+    """Each row's command and status, and its cost: iterations x the measured seconds per
+    iteration (measured once per distinct model, batch and regularizer), or none with
+    `measure=False`."""
     cache: Dict[tuple, float] = {}
     lines = []
     slots = gpu_slots(gpus, num_gpus) if gpus else []

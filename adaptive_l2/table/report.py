@@ -17,6 +17,7 @@ from adaptive_l2.run_files import (EVAL_HISTORY_FILE, FACTORS_FILE, RESULTS_FILE
 from adaptive_l2.table.suite import PAPER_NUMBERS, Row, output_dir, row_status, seeded_rows
 
 def read_history(directory: str) -> List[dict]:
+    """The run's evaluations (one per line of eval_history.jsonl); [] before the first."""
     path = os.path.join(directory, EVAL_HISTORY_FILE)
     if not os.path.isfile(path):
         return []
@@ -25,6 +26,8 @@ def read_history(directory: str) -> List[dict]:
 
 
 def row_results(row: Row, output_root: str, opts: Sequence[str] = ()) -> dict:
+    """The row's table cells: paper numbers, final evaluation, best of the second phase (after
+    SOLVER.EPOCH_LR.RESTART_EPOCH, "selected on test"), and status; None where not run yet."""
     directory = output_dir(row, output_root)
     history = read_history(directory)
     if row.evaluates and os.path.isfile(os.path.join(directory, RESULTS_FILE)):
@@ -55,6 +58,7 @@ def _cell(value: Optional[float]) -> str:
 
 
 def format_table(results: Sequence[dict]) -> str:
+    """The results as a markdown table beside the paper's numbers (one decimal, "-" where none)."""
     header = ("| dataset | row | paper mAP / R1 | final mAP / R1 | best mAP / R1 (selected on test, "
               "epoch) | status |\n|---|---|---|---|---|---|")
     lines = [header]
@@ -69,6 +73,7 @@ def format_table(results: Sequence[dict]) -> str:
 
 
 def format_csv(results: Sequence[dict]) -> str:
+    """The results as CSV, every field at full precision."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(results[0].keys()))
     writer.writeheader()
@@ -77,6 +82,7 @@ def format_csv(results: Sequence[dict]) -> str:
 
 
 def write_table(results: Sequence[dict], output_root: str) -> List[str]:
+    """results.md and results.csv under `output_root`; returns their paths."""
     os.makedirs(output_root, exist_ok=True)
     markdown = os.path.join(output_root, TABLE_MARKDOWN)
     table = os.path.join(output_root, TABLE_CSV)

@@ -30,6 +30,8 @@ def _short(path: str) -> str:
 
 def train_command(row: Row, output_root: str, opts: Sequence[str], num_gpus: int,
                   launcher: str, resume: bool) -> List[str]:
+    """The row's train (or, for a dagger row, `--eval-only`) command: paths relative to the
+    current folder where they lie under it, the seed of --seeds last so it wins."""
     args = ["--config-file", _short(row.config)]
     tail = ["OUTPUT_DIR", _short(output_dir(row, output_root)), *opts]
     if row.seed is not None:

@@ -44,6 +44,9 @@ REFERENCE_ROWS = {"paper": "conventional_l2_R50", "synthetic": "baseline", "stud
 
 @dataclass(frozen=True)
 class Row:
+    """One line of the table: a config file, trained (or, for a dagger row, evaluated) in its own
+    OUTPUT_DIR under the suite's root."""
+
     dataset: str
     name: str
     config: str
@@ -67,6 +70,7 @@ class Row:
 
 
 def suite_rows(suite: str, with_sgp: bool = False) -> List[Row]:
+    """The rows of `suite` with their shipped configs; `with_sgp` adds the SGP and AT comparators."""
     if suite == "paper":
         names = PAPER_ROWS + (("sgp_R50", "adaptive_l2_sgp_R50", "at_R50") if with_sgp else ())
         return [Row(ds, name, os.path.join(shipped_configs_dir(), "Paper", ds, f"{name}.yml"),
@@ -106,6 +110,7 @@ def output_dir(row: Row, output_root: str) -> str:
 
 
 def row_status(directory: str) -> str:
+    """'done' (final_results.json), 'interrupted' (a last checkpoint to resume) or 'todo'."""
     if os.path.isfile(os.path.join(directory, RESULTS_FILE)):
         return "done"
     if os.path.isfile(os.path.join(directory, LAST_CHECKPOINT)):
@@ -114,11 +119,13 @@ def row_status(directory: str) -> str:
 
 
 def evaluated_checkpoint(row: Row, output_root: str) -> str:
+    """The final model a dagger row evaluates: its base row's, of the same seed."""
     base = dataclasses.replace(row, name=row.evaluates, evaluates=None)  # same seed
     return os.path.join(output_dir(base, output_root), FINAL_MODEL)
 
 
 def iterations_of(row: Row, opts: Sequence[str]) -> int:
+    """The row's training iterations (epochs x iterations per epoch), for the cost and the ETA."""
     cfg = load_config(row.config, [*opts, "MODEL.DEVICE", "cpu"])  # only counts: any machine
     per_epoch = cfg.SOLVER.ITERS_PER_EPOCH
     if per_epoch <= 0:
@@ -132,6 +139,7 @@ def iterations_of(row: Row, opts: Sequence[str]) -> int:
 
 
 def seed_folder(seed: int) -> str:
+    """The folder of one seed's run inside its row's folder (part of the row's key)."""
     return f"seed{seed}"
 
 
