@@ -9,8 +9,8 @@ The table: one job per row. A dagger row (`*_R152_rerank`: re-ranking of its R15
 model, no training) runs in the SAME job as its R152 row, after it, when both are submitted:
 that needs no Slurm dependency (which submitit's local executor cannot express, so it could not
 be tested here), and an evaluation of a few minutes on the GPU the R152 row held is negligible
-next to its 44,000 iterations. Inside a job the rows run through `reproduce.run_suite`, the local
-runner: same commands, `console.txt`, resume of an interrupted row, kept finished rows.
+next to its 44,000 iterations. Inside a job the rows run through `table.runner.run_suite`, the
+local runner: same commands, `console.txt`, resume of an interrupted row, kept finished rows.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ class TableJob(submitit.helpers.Checkpointable):
 
     def __call__(self, rows: Sequence, output_root: str, opts: Sequence[str], num_gpus: int,
                  workdir: str) -> List[str]:
-        from adaptive_l2.reproduce import run_suite
+        from adaptive_l2.table.runner import run_suite
 
         os.chdir(workdir)  # the rows' folders and commands are relative to where the tool ran
         return run_suite(rows, output_root, opts, num_gpus, "launch", progress=lambda line: None)
@@ -135,7 +135,7 @@ class TableJob(submitit.helpers.Checkpointable):
 def submit_table(rows: Sequence, output_root: str, opts: Sequence[str], num_gpus: int,
                  executor, log=print) -> List:
     """One job per group of `table_job_groups` with rows still to run; returns the jobs."""
-    from adaptive_l2.reproduce import output_dir, row_status
+    from adaptive_l2.table.suite import output_dir, row_status
 
     jobs = []
     for group in table_job_groups(rows):

@@ -96,7 +96,8 @@ def cost(args) -> None:
 
 def robustness(args) -> None:
     from adaptive_l2.cli.attack import attack_evaluation
-    from adaptive_l2.reproduce import output_dir, run_suite, suite_rows
+    from adaptive_l2.table.runner import run_suite
+    from adaptive_l2.table.suite import output_dir, suite_rows
     from adaptive_l2.evaluation.robustness import STANDARD_ATTACKS
 
     root = args.output_root

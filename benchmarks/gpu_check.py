@@ -39,8 +39,8 @@ import torch
 
 import adaptive_l2  # noqa: F401  (fast-reid patches, registrations)
 from adaptive_l2.config import load_config, shipped_configs_dir
-from adaptive_l2.reproduce import (device_synchronizer, fixed_batch_train_step,
-                                   machine_description, median_step_seconds, synthetic_batch)
+from adaptive_l2.table.cost import (device_synchronizer, fixed_batch_train_step,
+                                    machine_description, median_step_seconds, synthetic_batch)
 
 PAPER = os.path.join(shipped_configs_dir(), "Paper", "Market1501")
 VARIANTS = {"adaptive_l2": "adaptive_l2_R50.yml", "sgp": "sgp_R50.yml", "at": "at_R50.yml"}

@@ -11,7 +11,8 @@ from conftest import REPO
 
 import adaptive_l2
 from adaptive_l2.config import config_file_path, load_config, shipped_configs_dir
-from adaptive_l2.reproduce import output_dir, suite_rows, train_command
+from adaptive_l2.table.runner import train_command
+from adaptive_l2.table.suite import output_dir, suite_rows
 
 PACKAGE = os.path.dirname(os.path.abspath(adaptive_l2.__file__))
 ENTRY_POINTS = {"adaptive-l2-train": "adaptive_l2.cli.train:main",

@@ -153,7 +153,7 @@ def test_the_tools_refuse_slurm_without_a_partition_before_anything_starts(tmp_p
 def test_table_rows_as_local_submitit_jobs_dagger_row_in_its_rows_job(dataset_root, tmp_path,
                                                                       monkeypatch):
     from adaptive_l2.cluster import make_executor, submit_table, table_job_groups, wait_for
-    from adaptive_l2.reproduce import Row
+    from adaptive_l2.table.suite import Row
 
     monkeypatch.chdir(tmp_path)
     base = Row("Tiny", "base", SYNTHETIC_BASE)

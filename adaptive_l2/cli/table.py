@@ -26,10 +26,11 @@ import sys
 from typing import List, Optional
 
 from adaptive_l2.cluster import add_cluster_arguments, executor_from_args, submit_table, wait_for
-from adaptive_l2.reproduce import (MEASURED_STEPS, REFERENCE_ROWS, SUITES, WARMUP_STEPS,
-                                   collect_and_write, collect_seeds_and_write, dry_run, gpu_slots,
-                                   output_dir, parse_seeds, row_status, run_suite, seeded_rows,
-                                   select_rows, suite_rows, train_command)
+from adaptive_l2.table.cost import MEASURED_STEPS, WARMUP_STEPS, dry_run
+from adaptive_l2.table.report import collect_and_write, collect_seeds_and_write
+from adaptive_l2.table.runner import gpu_slots, run_suite, train_command
+from adaptive_l2.table.suite import (REFERENCE_ROWS, SUITES, output_dir, parse_seeds, row_status,
+                                     seeded_rows, select_rows, suite_rows)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
