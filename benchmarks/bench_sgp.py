@@ -78,9 +78,13 @@ def cost(args) -> None:
         for step in steps.values():
             for _ in range(args.warmup):
                 timed_step(step, args.device)
+        draws = []
+        parameters = sum(p.numel() for p in next(iter(steps.values())).model.parameters())
+        generator = torch.Generator(device=args.device).manual_seed(0)
         for _ in range(args.rounds):
             for name, step in steps.items():
                 times[name].append(timed_step(step, args.device))
+            draws.append(timed_draw(parameters, generator, args.device))
     base = statistics.median(times["none"])
     print(f"train step, {args.depth} batch {args.batch} {height}x{width} on {args.device}, "
           f"median of {args.rounds} interleaved rounds")
@@ -92,6 +96,21 @@ def cost(args) -> None:
         feature, parameter = (statistics.median(times[n]) / base - 1 for n in ("SGP-F", "SGP-P"))
         print(f"  overhead over none: SGP-F {100 * feature:+.1f} %, SGP-P {100 * parameter:+.1f} % "
               f"(target: SGP-P <= SGP-F + 2 points)")
+        draw = statistics.median(draws) / base
+        print(f"  SGP-P's gaussian draw alone ({parameters / 1e6:.1f} M values, one per parameter): "
+              f"{100 * draw:.1f} % of the step; SGP-P beyond its draw: "
+              f"{100 * (parameter - draw):+.1f} %")
+
+
+def timed_draw(count: int, generator: torch.Generator, device: str) -> float:
+    """The floor of SGP-P's cost: one gaussian value per parameter, as its step draws them."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    torch.randn(count, generator=generator, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def robustness(args) -> None:
