@@ -36,7 +36,7 @@ setup(
         "tensorboard>=2.12",
         "Pillow>=9.0",
         "matplotlib>=3.7",
-        "optuna>=4.0",  # tools/tune.py: studies over the regularizer settings
+        "optuna>=4.9",  # tools/tune.py; RetryHeartbeatStaleTrialCallback (tested: 5.0.0)
         "submitit>=1.5",  # Slurm (and local) jobs for the table and the tuning workers
         "Cython>=3.0",  # builds fast-reid's rank evaluator at install time
         "setuptools>=65",

@@ -118,16 +118,48 @@ def table_job_groups(rows: Sequence) -> List[List]:
     return list(groups.values())
 
 
+UNSET_DEVICES = "<unset>"
+
+
+def parent_devices(executor) -> Optional[str]:
+    """What a job must restore as CUDA_VISIBLE_DEVICES: this process's value (or UNSET_DEVICES)
+    for submitit's local executor, which sets it from gpus_per_node ('' for 0) and would hide
+    every GPU from rows whose MODEL.DEVICE is cuda; None for Slurm, which sets the job's own."""
+    if isinstance(executor, submitit.LocalExecutor):
+        return os.environ.get("CUDA_VISIBLE_DEVICES", UNSET_DEVICES)
+    return None
+
+
+def restore_devices(devices: Optional[str]) -> None:
+    """Undo the local executor's CUDA_VISIBLE_DEVICES in the job (see `parent_devices`)."""
+    if devices is None:
+        return
+    if devices == UNSET_DEVICES:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+
+
+def call_with_devices(devices: Optional[str], function: Callable, *args):
+    """`function(*args)` in a job, with the submitting process's GPUs visible."""
+    restore_devices(devices)
+    return function(*args)
+
+
 class TableJob(submitit.helpers.Checkpointable):
     """The body of a table job: the rows in order with the local runner (resumes, keeps finished
     rows, raises naming a failed row). Checkpointable: when Slurm preempts the job or its time
     runs out, submitit requeues it with the same rows, and an interrupted row resumes from its
     last checkpoint (the runner decides --resume when the job runs, not when it was submitted)."""
 
+    def __init__(self, devices: Optional[str] = None) -> None:
+        self.devices = devices  # CUDA_VISIBLE_DEVICES to restore (local executor), see above
+
     def __call__(self, rows: Sequence, output_root: str, opts: Sequence[str], num_gpus: int,
                  workdir: str) -> List[str]:
         from adaptive_l2.table.runner import run_suite
 
+        restore_devices(self.devices)
         os.chdir(workdir)  # the rows' folders and commands are relative to where the tool ran
         return run_suite(rows, output_root, opts, num_gpus, "launch", progress=lambda line: None)
 
@@ -142,8 +174,8 @@ def submit_table(rows: Sequence, output_root: str, opts: Sequence[str], num_gpus
         if all(row_status(output_dir(row, output_root)) == "done" for row in group):
             log(f"[cluster] {', '.join(r.key for r in group)}: finished before, kept")
             continue
-        job = executor.submit(TableJob(), list(group), output_root, list(opts), num_gpus,
-                              os.getcwd())
+        job = executor.submit(TableJob(parent_devices(executor)), list(group), output_root,
+                              list(opts), num_gpus, os.getcwd())
         job.rows = [row.key for row in group]
         log(f"[cluster] job {job.job_id}: {', '.join(job.rows)}")
         jobs.append(job)

@@ -406,8 +406,11 @@ class Trainer(DefaultTrainer):
         penalty = find_l2_penalty(self.model)
         if penalty is not None:
             # before the writers (the last hook), so the statistics are written the same epoch
-            hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks),
-                         L2FactorLogger(penalty, self.cfg.MODEL.REG.LOG_PERIOD, self.cfg.OUTPUT_DIR))
+            factor_logger = L2FactorLogger(penalty, self.cfg.MODEL.REG.LOG_PERIOD,
+                                           self.cfg.OUTPUT_DIR)
+            hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks), factor_logger)
+            # its summed learning rates resume from the checkpoint, not from its coarser log
+            self.checkpointer.checkpointables["l2_theta_lr_sum"] = factor_logger
         hooks.insert(0, ResumedMetricsLog(self.cfg.OUTPUT_DIR))
         if self.cfg.SOLVER.DIVERGENCE.ENABLED:
             hooks.append(DivergenceGuard(self.cfg.SOLVER.DIVERGENCE.FACTOR,

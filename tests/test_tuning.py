@@ -86,6 +86,8 @@ def test_a_failing_trial_is_marked_failed_with_its_error(dataset_root, tmp_path)
     ("MODEL.REG.AMPLITUD: {low: 0.001, high: 0.1}", "unknown config key 'MODEL.REG.AMPLITUD'"),
     ("MODEL.REG.AMPLITUDE: {low: 0.001, hihg: 0.1}", r"MODEL.REG.AMPLITUDE: unknown field\(s\) \['hihg'\]"),
     ("MODEL.REG.AMPLITUDE: {low: 0.1, high: 0.001}", "MODEL.REG.AMPLITUDE: needs low < high"),
+    ("MODEL.REG.AMPLITUDE: {low: 0.001, high: 0.1, log: true, step: 0.001}",
+     "MODEL.REG.AMPLITUDE: 'step' cannot be combined with 'log'"),
     ("MODEL.REG.SGP.ALPHA: {low: 0.1, high: 1}", "MODEL.REG.SGP.ALPHA changes nothing unless the "
                                                  "config sets MODEL.REG.SGP.ENABLED True"),
 ])

@@ -114,6 +114,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def collect_command(args: argparse.Namespace, root: str) -> List[str]:
+    """The command that writes the table of these runs later: the same selection (suite, rows,
+    seeds, SGP rows, overrides), --collect."""
+    command = ["adaptive-l2-table", "--suite", args.suite, "--output-root", root, "--collect"]
+    if args.rows:
+        command += ["--rows", ",".join(args.rows)]
+    if args.seeds:
+        command += ["--seeds", args.seeds]
+    if args.with_sgp:
+        command.append("--with-sgp")
+    return command + list(args.opts)
+
+
 def print_table(args: argparse.Namespace, rows, seeds: List[int], root: str) -> None:
     """The table of the finished runs (per seed: mean +/- CI and paired differences), written
     under `root` and printed."""
@@ -133,7 +146,8 @@ def submit_jobs(args: argparse.Namespace, rows, seeds: List[int], root: str) -> 
     for submitit-local) the table of what finished is written after the jobs."""
     kind = "slurm" if args.launcher == "slurm" else "local"
     if kind == "local":
-        args.gpus_per_job = 0  # this machine's processes: the rows' own MODEL.DEVICE decides
+        args.gpus_per_job = 0  # this machine's processes see its GPUs (cluster.restore_devices)
+        # and the rows' own MODEL.DEVICE decides
     try:
         executor = executor_from_args(kind, args, os.path.join(root, "jobs"), "adaptive-l2-table")
     except (ValueError, RuntimeError) as error:  # no --partition, or no Slurm here
@@ -142,8 +156,8 @@ def submit_jobs(args: argparse.Namespace, rows, seeds: List[int], root: str) -> 
     runs = seeded_rows(rows, seeds) if seeds else rows
     jobs = submit_table(runs, root, args.opts, max(1, args.gpus_per_job), executor)
     if kind == "slurm" and not args.wait:
-        print(f"{len(jobs)} jobs submitted; when they have ended: adaptive-l2-table --suite "
-              f"{args.suite} --output-root {root} --collect")
+        print(f"{len(jobs)} jobs submitted; when they have ended: "
+              f"{shlex.join(collect_command(args, root))}")
         return 0
     failures = wait_for(jobs, lambda job: ", ".join(job.rows))
     print_table(args, rows, seeds, root)

@@ -19,7 +19,8 @@ import os
 import sys
 from typing import List, Optional
 
-from adaptive_l2.cluster import add_cluster_arguments, executor_from_args, wait_for
+from adaptive_l2.cluster import (add_cluster_arguments, call_with_devices, executor_from_args,
+                                 parent_devices, wait_for)
 from adaptive_l2.config import config_file_path
 from adaptive_l2.tune.space import PRESETS, load_space
 from adaptive_l2.tune.study import (StudySettings, build_pruner, default_storage, open_study,
@@ -75,7 +76,8 @@ def make_worker_executor(args: argparse.Namespace, settings: StudySettings):
     if args.launcher == "local" and min(args.workers, args.trials) <= 1:
         return None
     if args.launcher == "local":
-        args.gpus_per_job = 0  # this machine's processes: the config's MODEL.DEVICE decides
+        args.gpus_per_job = 0  # this machine's processes see its GPUs (restore_devices) and the
+        # config's MODEL.DEVICE decides
     kind = "slurm" if args.launcher == "slurm" else "local"
     return executor_from_args(kind, args, os.path.join(settings.output_dir, "jobs"),
                               "adaptive-l2-tune")
@@ -94,7 +96,9 @@ def run_trials(args: argparse.Namespace, settings: StudySettings, executor) -> L
             "filesystem, and SQLite's locking copes with a few workers only. For many workers "
             "use a PostgreSQL server: --storage postgresql://USER@HOST/DB (pip install psycopg2).",
             len(shares), settings.storage)
-    jobs = [executor.submit(run_worker, settings, share) for share in shares]
+    devices = parent_devices(executor)
+    jobs = [executor.submit(call_with_devices, devices, run_worker, settings, share)
+            for share in shares]
     print(f"[tune] {len(jobs)} workers submitted ({args.launcher}): jobs "
           f"{', '.join(str(job.job_id) for job in jobs)}; trials per worker {shares}")
     return wait_for(jobs, lambda job: "worker")

@@ -210,6 +210,13 @@ class L2PenaltyBase(nn.Module):
         state["_weight_gradient_owner"] = None
         return state
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # the copy holds copies of the weights: index them by their own ids (the decoupled decay
+        # looks its tensors up by id), and drop index tensors built for the original's layout
+        super().__setstate__(state)
+        self._index_of = {id(param): index for index, param in enumerate(self._weights)}
+        self._layouts = {}
+
     @property
     def weight_gradient_owner(self) -> Optional[object]:
         """The optimizer that adds the weight gradient in its step; None: autograd adds it."""
@@ -344,7 +351,9 @@ class L2FactorLogger(HookBase):
     ("theta_lr_sum": the steps its group took, none while it was frozen), from which the plot
     draws the prediction theta_0 - sum(lr) (under Adam a theta falls by about its learning rate
     each step); the thetas' current learning rate goes to the event storage as l2_theta_lr.
-    Both are read from the optimizer's groups on the host: no device sync."""
+    Both are read from the optimizer's groups on the host: no device sync (so under AMP a step
+    that GradScaler skips on an fp16 overflow still counts: knowing would cost a sync a step).
+    The sums are saved in every checkpoint, so a resumed run continues them exactly."""
 
     def __init__(self, penalty: L2PenaltyBase, period_epochs: int, output_dir: str):
         self.penalty = penalty
@@ -356,6 +365,15 @@ class L2FactorLogger(HookBase):
         self._theta_lr_sum: List[float] = []
         self._theta_groups: List[tuple] = []  # (param group, indices of its thetas)
         self._step_lr: Optional[float] = None
+        self._resumed_sums: Optional[List[float]] = None  # from the checkpoint (load_state_dict)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The summed learning rates, saved in every checkpoint (a checkpointable of the trainer):
+        a resumed run continues them exactly, whatever LOG_PERIOD is."""
+        return {"theta_lr_sum": list(self._theta_lr_sum)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._resumed_sums = [float(value) for value in state.get("theta_lr_sum", [])]
 
     def before_train(self):
         keep_records_until(self.path, self.trainer.iter)
@@ -372,7 +390,9 @@ class L2FactorLogger(HookBase):
         self._theta_groups = [(group, ids) for group, ids in groups if ids]
         self._theta_lr_sum = [0.0] * len(thetas)
         start = self.trainer.iter
-        if start > 0 and self.path and os.path.isfile(self.path):  # resumed: continue the sums
+        if start > 0 and self._resumed_sums and len(self._resumed_sums) == len(thetas):
+            self._theta_lr_sum = list(self._resumed_sums)  # the checkpoint's: exact
+        elif start > 0 and self.path and os.path.isfile(self.path):  # older checkpoint: the log
             records = read_json_lines(self.path)
             last = records[-1] if records else {}
             if last.get("theta_lr_sum") and len(last["theta_lr_sum"]) == len(self._theta_lr_sum):

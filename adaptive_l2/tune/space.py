@@ -91,8 +91,13 @@ def parse_space(spec: Mapping, cfg, where: str = "search space") -> List[Param]:
             raise ValueError(f"{where}: {key}: needs low < high (and low > 0 with log), got "
                              f"{low}, {high}")
         step = entry.get("step")
+        integer = isinstance(default, int)
+        if log and step is not None and not (integer and float(step) == 1):
+            # Optuna refuses these in every trial: each would fail and the study end empty
+            raise ValueError(f"{where}: {key}: 'step' cannot be combined with 'log' (Optuna takes "
+                             "a log scale without steps; an integer key's step may only be 1)")
         params.append(Param(str(key), low, high, log, None if step is None else float(step),
-                            integer=isinstance(default, int)))
+                            integer=integer))
     return params
 
 

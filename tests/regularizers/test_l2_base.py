@@ -246,3 +246,23 @@ def test_decoupled_penalty_refuses_an_optimizer_that_cannot_apply_it():
                                                 "MODEL.REG.DECOUPLED", "True"))
     with pytest.raises(RuntimeError, match="MODEL.REG.DECOUPLED"):
         penalty.penalty()
+
+
+def test_a_copied_penalty_decays_its_own_weights():
+    """deepcopy gives the copy new weight tensors: the decoupled decay (which finds its tensors
+    by id) must find the copy's, not the original's (it used to decay nothing, silently)."""
+    from torch import nn
+
+    from adaptive_l2.regularizers.conventional import ConventionalL2Penalty
+    from adaptive_l2.regularizers.l2_base import regularized_tensors
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    model.add_module("l2_penalty", ConventionalL2Penalty(regularized_tensors(model), 0.25))
+    clone = copy.deepcopy(model)
+    owner = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    clone.l2_penalty.claim_weight_gradient(owner)
+    before = clone.weight.detach().clone()
+    clone.l2_penalty.apply_decoupled_decay(owner, [(1.0, list(clone.parameters()))])
+    torch.testing.assert_close(clone.weight.detach(), before * (1 - 2 * 0.25))
+    assert not torch.equal(model.weight.detach(), clone.weight.detach())
