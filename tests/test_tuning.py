@@ -175,3 +175,23 @@ def test_table_rows_as_local_submitit_jobs_dagger_row_in_its_rows_job(dataset_ro
     with open(tmp_path / "logs" / "Tiny" / "base_rerank" / "console.txt") as handle:
         assert "--eval-only MODEL.WEIGHTS logs/Tiny/base/model_final.pth" in handle.read()
     assert submit_table(rows, "logs", opts, 1, executor) == []  # finished rows are kept
+
+
+def test_report_without_importances_when_every_trial_ties(tmp_path):
+    """Two complete trials with the same value (a tiny run often gives the same mAP): fANOVA
+    cannot rank parameters on a target without variance; the report is written without that
+    plot instead of failing after the whole study (seen once in CI)."""
+    import optuna
+
+    from adaptive_l2.tune.study import write_plots
+
+    study = optuna.create_study(direction="maximize")
+    space = {"MODEL.REG.AMPLITUDE": optuna.distributions.FloatDistribution(1e-4, 0.1, log=True)}
+    for amplitude in (2e-4, 3e-4):
+        study.add_trial(optuna.trial.create_trial(params={"MODEL.REG.AMPLITUDE": amplitude},
+                                                  distributions=space, value=41.5))
+    written = write_plots(study, str(tmp_path))
+    assert [os.path.basename(path) for path in written] == ["optimization_history.png"]
+    study.add_trial(optuna.trial.create_trial(params={"MODEL.REG.AMPLITUDE": 0.01},
+                                              distributions=space, value=45.0))
+    assert len(write_plots(study, str(tmp_path))) == 2

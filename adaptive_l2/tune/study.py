@@ -284,13 +284,14 @@ def write_plots(study, output_dir: str) -> List[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         plots = [(HISTORY_PLOT, lambda: optuna_plots.plot_optimization_history(study))]
-        if len(complete) >= 2:
+        distinct = len({t.value for t in complete})
+        if distinct >= 2:
             evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
             plots.append((IMPORTANCE_PLOT, lambda: optuna_plots.plot_param_importances(
                 study, evaluator=evaluator)))
-        else:
-            logger.warning("parameter importances need 2 complete trials (%d): not drawn",
-                           len(complete))
+        else:  # fANOVA raises on a target without variance ("zero total variance in all trees")
+            logger.warning("parameter importances need 2 complete trials with different values "
+                           "(%d complete, %d distinct values): not drawn", len(complete), distinct)
         for name, draw in plots:
             axes = draw()
             figure = axes.figure
