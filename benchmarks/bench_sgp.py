@@ -54,11 +54,12 @@ def build_step(extra, args, batch):
     return step
 
 
-def timed_step(step, device: str) -> float:
+def timed(function, device: str) -> float:
+    """Seconds `function()` takes, the device's queue drained before and after."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    step.run_step()
+    function()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -77,14 +78,16 @@ def cost(args) -> None:
         times = {name: [] for name in steps}
         for step in steps.values():
             for _ in range(args.warmup):
-                timed_step(step, args.device)
+                timed(step.run_step, args.device)
         draws = []
         parameters = sum(p.numel() for p in next(iter(steps.values())).model.parameters())
         generator = torch.Generator(device=args.device).manual_seed(0)
         for _ in range(args.rounds):
             for name, step in steps.items():
-                times[name].append(timed_step(step, args.device))
-            draws.append(timed_draw(parameters, generator, args.device))
+                times[name].append(timed(step.run_step, args.device))
+            # the floor of SGP-P's cost: one gaussian value per parameter, as its step draws
+            draws.append(timed(lambda: torch.randn(parameters, generator=generator,
+                                                   device=args.device), args.device))
     base = statistics.median(times["none"])
     print(f"train step, {args.depth} batch {args.batch} {height}x{width} on {args.device}, "
           f"median of {args.rounds} interleaved rounds")
@@ -100,17 +103,6 @@ def cost(args) -> None:
         print(f"  SGP-P's gaussian draw alone ({parameters / 1e6:.1f} M values, one per parameter): "
               f"{100 * draw:.1f} % of the step; SGP-P beyond its draw: "
               f"{100 * (parameter - draw):+.1f} %")
-
-
-def timed_draw(count: int, generator: torch.Generator, device: str) -> float:
-    """The floor of SGP-P's cost: one gaussian value per parameter, as its step draws them."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    torch.randn(count, generator=generator, device=device)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def robustness(args) -> None:

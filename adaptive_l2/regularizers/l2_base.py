@@ -124,8 +124,9 @@ def add_scaled(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
                scales: torch.Tensor, indices: Sequence[int],
                layouts: Optional[Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]]] = None,
                route: str = "auto") -> None:
-    """targets[i] += sources[i] * scales[indices[i]] in place, for every i (one device, one dtype;
-    `scales` a vector on that device: no host sync).
+    """targets[i] += sources[i] * scales[indices[i]] in place, for every i (one device; `scales` a
+    vector on that device, taken in each target's dtype: no host sync). `layouts` caches the
+    flat route's index tensors per layout (the caller keeps it).
 
     Why two routes: torch's fused multi-tensor kernels on CUDA need the tensors at each position
     of their lists to have equal shapes, so a per-tensor 0-d scale sends them down a loop of one
@@ -134,30 +135,41 @@ def add_scaled(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
     with one foreach call whose pairs have equal shapes and strides (the fused route): a constant
     number of launches. A CPU has no launches to save and the per-tensor loop moves less memory,
     so "auto" takes it there. Both give the same values (up to one rounding, where a
-    multiply-add is fused).
+    multiply-add is fused). Used by the L2 terms' weight gradient and decay, and by SGP-P.
     """
     if route not in ADD_SCALED_ROUTES:
         raise ValueError(f"route must be one of {ADD_SCALED_ROUTES}, got {route!r}")
-    if not targets:
-        return
+    by_dtype: Dict[torch.dtype, Tuple[List[torch.Tensor], List[torch.Tensor], List[int]]] = {}
+    for target, source, index in zip(targets, sources, indices):
+        group = by_dtype.setdefault(target.dtype, ([], [], []))
+        group[0].append(target)
+        group[1].append(source)
+        group[2].append(index)
+    for dtype, (group_targets, group_sources, group_indices) in by_dtype.items():
+        _add_scaled_one_dtype(group_targets, group_sources, scales.to(dtype), group_indices,
+                              {} if layouts is None else layouts, route)
+
+
+def _add_scaled_one_dtype(targets: List[torch.Tensor], sources: List[torch.Tensor],
+                          scales: torch.Tensor, indices: List[int],
+                          layouts: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]],
+                          route: str) -> None:
     device = targets[0].device
     if route == "per_tensor" or (route == "auto" and device.type == "cpu"):
         per_tensor = scales.unbind()  # 0-d views on the device
-        torch._foreach_addcmul_(list(targets), list(sources), [per_tensor[i] for i in indices])
+        torch._foreach_addcmul_(targets, sources, [per_tensor[i] for i in indices])
         return
     numels = [source.numel() for source in sources]
     key = (tuple(indices), tuple(numels), str(device))
-    cache = {} if layouts is None else layouts
-    if key not in cache:  # built once per layout: a host-to-device copy every step would wait
-        cache[key] = (torch.tensor(list(indices), dtype=torch.long).to(device),
-                      torch.tensor(numels, dtype=torch.long).to(device))
-    index_vector, counts = cache[key]
-    total = sum(numels)
+    if key not in layouts:  # built once per layout: a host-to-device copy every step would wait
+        layouts[key] = (torch.tensor(indices, dtype=torch.long).to(device),
+                        torch.tensor(numels, dtype=torch.long).to(device))
+    index_vector, counts = layouts[key]
     spread = torch.repeat_interleave(scales.index_select(0, index_vector), counts,
-                                     output_size=total)
+                                     output_size=sum(numels))
     products = torch.cat([source.reshape(-1) for source in sources]).mul_(spread)
     pieces = [piece.view(target.shape) for piece, target in zip(products.split(numels), targets)]
-    torch._foreach_add_(list(targets), pieces)
+    torch._foreach_add_(targets, pieces)
 
 
 class L2PenaltyBase(nn.Module):
@@ -306,8 +318,8 @@ class L2PenaltyBase(nn.Module):
         number of kernels on an accelerator; the factors stay on the device)."""
         self._check_owner(owner)
         doubled = 2.0 * self.factors()
-        for dtype, (indices, grads, weights) in self._grouped_gradients().items():
-            add_scaled(grads, weights, doubled.to(dtype), indices, self._layouts)
+        for indices, grads, weights in self._grouped_gradients().values():
+            add_scaled(grads, weights, doubled, indices, self._layouts)
 
     @torch.no_grad()
     def apply_decoupled_decay(self, owner: object,
@@ -323,13 +335,7 @@ class L2PenaltyBase(nn.Module):
             if not chosen:
                 continue
             weights = [self._weights[i] for i in chosen]
-            by_dtype: Dict[torch.dtype, Tuple[List[int], List[torch.Tensor]]] = {}
-            for index, weight in zip(chosen, weights):
-                indices, members = by_dtype.setdefault(weight.dtype, ([], []))
-                indices.append(index)
-                members.append(weight)
-            for dtype, (indices, members) in by_dtype.items():
-                add_scaled(members, members, (-lr * doubled).to(dtype), indices, self._layouts)
+            add_scaled(weights, weights, -lr * doubled, chosen, self._layouts)
 
 
 PENALTY_ATTRIBUTE = "l2_penalty"

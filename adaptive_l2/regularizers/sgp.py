@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from adaptive_l2.global_batch import check_process_share, draw_for_share
 from adaptive_l2.modeling.model_state import unwrap_model
+from adaptive_l2.regularizers.l2_base import add_scaled
 from adaptive_l2.regularizers.step import StepRegularizer, iteration_seed
 
 __all__ = [
@@ -87,15 +88,15 @@ def _perturbation(
     num_rows = grad.shape[0] if grad.dim() > 0 else 1
     dim = grad.numel() // num_rows if num_rows > 0 else 0
     rows = grad.detach().reshape(num_rows, dim).float()
-    blocks = num_rows // samples_per_process if samples_per_process else 1
-    if process_share[1] == 1:
-        blocks = 1  # one process: the same stream whatever the blocks
+    blocks = 1  # one process: the same stream whatever the blocks
+    if samples_per_process and process_share[1] > 1:
+        blocks = max(num_rows // samples_per_process, 1)
     device = grad.device
     # Draw the Bernoulli mask first and always, so the stream advances the same way for any prob.
     applied = draw_for_share(lambda lead: torch.rand(lead, generator=generator, device=device),
-                             num_rows, process_share, max(blocks, 1)) < prob
+                             num_rows, process_share, blocks) < prob
     xi = draw_for_share(lambda lead: _draw_noise((*lead, dim), noise, generator, device),
-                        num_rows, process_share, max(blocks, 1))
+                        num_rows, process_share, blocks)
     norms = torch.linalg.vector_norm(rows, dim=1)
     scale = alpha * norms / math.sqrt(max(dim, 1)) * applied
     delta = xi * scale.unsqueeze(1)
@@ -359,7 +360,8 @@ class ParameterGradientPerturbation(_NoiseSource):
         self.enabled = bool(enabled)
         self._generators = _GeneratorPool(int(seed))
         self._relative: Optional[Tensor] = None
-        self._layouts: Dict[Tuple[Tuple[int, ...], str], Tuple[Tensor, Tensor]] = {}
+        self._inverse_sqrts: Dict[Tuple[Tuple[int, ...], str], Tensor] = {}
+        self._scale_layouts: Dict[Tuple, Tuple[Tensor, Tensor]] = {}  # add_scaled's
 
     @torch.no_grad()
     def apply(self, params: Iterable[nn.Parameter]) -> None:
@@ -390,41 +392,34 @@ class ParameterGradientPerturbation(_NoiseSource):
         """Perturb ``grads`` (all on one device) in place; each tensor's relative size.
 
         A constant number of kernels whatever the number of tensors (one noise draw for all of
-        them, torch._foreach_* norms and add, the per-tensor scale spread with repeat_interleave),
+        them, torch._foreach_* norms, and the scaled add of ``add_scaled``, the L2 terms' too),
         instead of some twenty small kernels per tensor: SGP-P's overhead on a GPU is then that
         of one large elementwise pass, and nothing waits for the device.
         """
         device = grads[0].device
         generator = self._generators.get(device)
         numels = [grad.numel() for grad in grads]
-        total = sum(numels)
-        counts, inverse_sqrt = self._layout(numels, device)
+        inverse_sqrt = self._inverse_sqrt(numels, device)
         # The Bernoulli mask first and always, so the stream advances the same way for any prob.
         applied = torch.rand(len(grads), generator=generator, device=device) < self.prob
-        noise = _draw_noise((total,), self.noise, generator, device)
-        pieces = noise.split(numels)
+        noise = _draw_noise((sum(numels),), self.noise, generator, device)
+        pieces = [piece.view(grad.shape) for piece, grad in zip(noise.split(numels), grads)]
         noise_norms = torch.stack(torch._foreach_norm(pieces))
         grad_norms = torch.stack(torch._foreach_norm(grads)).float()
         scale = grad_norms * inverse_sqrt * applied * self.alpha
-        if noise.device.type == "cpu":
-            # no launches to save on a CPU, and repeat_interleave builds an index per element
-            torch._foreach_mul_(pieces, list(scale.unbind()))
-        else:
-            noise.mul_(torch.repeat_interleave(scale, counts, output_size=total))
-        torch._foreach_add_(grads, [piece.view(grad.shape) for piece, grad in zip(pieces, grads)])
+        add_scaled(grads, pieces, scale, range(len(grads)), self._scale_layouts)
         # ||delta|| / ||g|| = alpha * applied * ||xi|| / sqrt(n): no second pass over the noise.
         return torch.where(grad_norms > 0, noise_norms * inverse_sqrt * applied * self.alpha,
                            torch.zeros_like(grad_norms))
 
-    def _layout(self, numels: List[int], device: torch.device) -> Tuple[Tensor, Tensor]:
-        """Per-tensor element counts and 1 / sqrt(count) on ``device``, built once per layout
-        (a host-to-device copy at every step would wait for the device)."""
+    def _inverse_sqrt(self, numels: List[int], device: torch.device) -> Tensor:
+        """1 / sqrt(element count) of each tensor on ``device``, built once per layout (a
+        host-to-device copy at every step would wait for the device)."""
         key = (tuple(numels), str(device))
-        if key not in self._layouts:
+        if key not in self._inverse_sqrts:
             counts = torch.tensor(numels, dtype=torch.long)
-            inverse_sqrt = counts.clamp(min=1).double().rsqrt().float()
-            self._layouts[key] = (counts.to(device), inverse_sqrt.to(device))
-        return self._layouts[key]
+            self._inverse_sqrts[key] = counts.clamp(min=1).double().rsqrt().float().to(device)
+        return self._inverse_sqrts[key]
 
     @property
     def last_relative_perturbation(self) -> Optional[float]:

@@ -140,3 +140,17 @@ def test_penalty_weight_gradient_pass_same_on_both_routes(monkeypatch):
 def test_unknown_route_is_refused():
     with pytest.raises(ValueError, match="route"):
         add_scaled([torch.zeros(1)], [torch.zeros(1)], torch.zeros(1), [0], route="fast")
+
+
+@pytest.mark.parametrize("route", ["per_tensor", "flat"])
+def test_mixed_dtypes_each_take_the_scales_in_their_own_dtype(route):
+    """One call over fp32 and fp64 targets (the decoupled decay passes any mix): each dtype is
+    its own pass, with the scales cast to it."""
+    targets = [torch.ones(3, dtype=torch.float64), torch.ones(2), torch.ones(4, dtype=torch.float64)]
+    sources = [torch.full_like(t, 2.0) for t in targets]
+    scales = torch.tensor([0.5, 0.25, -1.0])
+    add_scaled(targets, sources, scales, [2, 0, 1], route=route)
+    assert [t.dtype for t in targets] == [torch.float64, torch.float32, torch.float64]
+    assert torch.equal(targets[0], torch.full((3,), -1.0, dtype=torch.float64))
+    assert torch.equal(targets[1], torch.full((2,), 2.0))
+    assert torch.equal(targets[2], torch.full((4,), 1.5, dtype=torch.float64))
