@@ -29,12 +29,15 @@ def test_tiny_study_continues_prunes_and_tests_the_best_trial_once(dataset_root,
     out = tmp_path / "study"
     # no pruning at first (the median pruner may stop trial 2, whose first evaluation is about
     # the same as the others': tiny runs differ little)
-    assert _tune(dataset_root, out, "--pruner", "none", trials=2, opts=ONE_EVAL_PER_EPOCH) == 0
+    # a seeded sampler: the same two amplitudes (and so two different mAPs) on every run
+    assert _tune(dataset_root, out, "--pruner", "none", "--sampler-seed", "2", trials=2,
+                 opts=ONE_EVAL_PER_EPOCH) == 0
     first = _trials(out)
     assert [row["state"] for row in first] == ["COMPLETE", "COMPLETE"]
     # continued (same storage + name) with a pruner that must prune: mAP is at most 100, so the
     # new trial falls below the threshold at its first evaluation
-    assert _tune(dataset_root, out, "--pruner", "threshold:101", opts=ONE_EVAL_PER_EPOCH) == 0
+    assert _tune(dataset_root, out, "--pruner", "threshold:101", "--sampler-seed", "2",
+                 opts=ONE_EVAL_PER_EPOCH) == 0
     rows = _trials(out)
     assert len(rows) == 3 and rows[:2] == first  # earlier trials kept as they were
     pruned = rows[2]
@@ -195,3 +198,30 @@ def test_report_without_importances_when_every_trial_ties(tmp_path):
     study.add_trial(optuna.trial.create_trial(params={"MODEL.REG.AMPLITUDE": 0.01},
                                               distributions=space, value=45.0))
     assert len(write_plots(study, str(tmp_path))) == 2
+
+
+def test_a_seeded_sampler_repeats_its_proposals_but_not_in_a_continued_study(tmp_path):
+    import optuna
+
+    from adaptive_l2.tune.study import StudySettings, default_storage, open_study
+
+    distributions = {"MODEL.REG.AMPLITUDE": optuna.distributions.FloatDistribution(
+        1e-4, 0.1, log=True)}
+
+    def first_proposal(folder, seed):
+        settings = StudySettings(config_file=ADAPTIVE, opts=[], output_dir=str(folder),
+                                 study_name="s", storage=default_storage(str(folder)),
+                                 sampler_seed=seed)
+        study = open_study(settings, create=True)
+        trial = study.ask(distributions)
+        study.tell(trial, 1.0)
+        return trial.params["MODEL.REG.AMPLITUDE"], settings
+
+    folder_a, folder_b = tmp_path / "a", tmp_path / "b"
+    folder_a.mkdir(), folder_b.mkdir()
+    a, settings = first_proposal(folder_a, 0)
+    assert first_proposal(folder_b, 0)[0] == a
+    assert first_proposal(tmp_path / "a", 0)[0] != a  # continued: keyed by the trials so far
+    with pytest.raises(SystemExit):
+        tune_main(["--config-file", ADAPTIVE, "--output-dir", str(tmp_path / "c"),
+                   "--sampler-seed", "0", "--workers", "2"])

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local: here (--workers > 1: processes through submitit); slurm: "
                              "one Slurm job per worker")
     parser.add_argument("--workers", type=int, default=1, help="workers sharing the study")
+    parser.add_argument("--sampler-seed", type=int, default=None,
+                        help="seed of Optuna's sampler: the same proposals in the same order on "
+                             "every call (one worker only; default: unseeded)")
     add_cluster_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
@@ -65,7 +68,11 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
         config_file=os.path.abspath(config_file_path(args.config_file)), opts=list(args.opts),
         output_dir=os.path.abspath(args.output_dir), study_name=args.study_name,
         storage=args.storage or default_storage(args.output_dir), space=space,
-        space_source=source, metric=args.metric, direction=args.direction, pruner=args.pruner)
+        space_source=source, metric=args.metric, direction=args.direction, pruner=args.pruner,
+        sampler_seed=args.sampler_seed)
+    if args.sampler_seed is not None and args.workers > 1:
+        raise ValueError(f"--sampler-seed with --workers {args.workers}: every worker would "
+                         "propose the same parameters; seed a single worker only")
     settings.params()
     build_pruner(args.pruner)
     return settings

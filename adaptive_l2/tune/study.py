@@ -30,6 +30,7 @@ from adaptive_l2.config import load_config
 from adaptive_l2.data.validation import validation_enabled
 from adaptive_l2.run_files import (BEST_TRIAL_FILE, FINAL_MODEL, HISTORY_PLOT, IMPORTANCE_PLOT,
                                    LAST_CHECKPOINT, RESULTS_FILE, TRIALS_TABLE)
+from adaptive_l2.seeds import derived_seed
 from adaptive_l2.tune.space import Param, as_opts, parse_space, suggest
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class StudySettings:
     metric: str = "mAP"
     direction: str = "maximize"
     pruner: str = "median"
+    sampler_seed: Optional[int] = None  # None: Optuna's sampler draws unseeded proposals
 
     def base_opts(self) -> List[str]:
         """The user's overrides plus what every trial shares: the validation split on (the
@@ -103,14 +105,19 @@ def open_study(settings: StudySettings, create: bool = False):
             settings.storage, heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=3 * HEARTBEAT_SECONDS,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    sampler = optuna.samplers.TPESampler(seed=None)
     pruner = build_pruner(settings.pruner)
     if create:
-        return optuna.create_study(storage=storage, study_name=settings.study_name,
-                                   direction=settings.direction, load_if_exists=True,
-                                   sampler=sampler, pruner=pruner)
-    return optuna.load_study(storage=storage, study_name=settings.study_name, sampler=sampler,
-                             pruner=pruner)
+        study = optuna.create_study(storage=storage, study_name=settings.study_name,
+                                    direction=settings.direction, load_if_exists=True,
+                                    pruner=pruner)
+    else:
+        study = optuna.load_study(storage=storage, study_name=settings.study_name, pruner=pruner)
+    seed = settings.sampler_seed
+    if seed is not None:
+        # keyed by the trials so far: a continued study does not repeat its first proposals
+        seed = derived_seed([seed, len(study.trials)], bits=32)
+    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    return study
 
 
 def metric_value(results: Mapping, metric: str) -> float:
